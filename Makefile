@@ -1,0 +1,37 @@
+# qat: `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test lint bench tensorboard experiments clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install qat with its pinned dependencies
+
+train: $(STAMP) ## float -> quant -> export on the embedded digits dataset (runs/default)
+	$(PY) -m qat.train phase=all $(ARGS)
+
+test: $(STAMP) ## run the whole test suite (what CI runs)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check qat tests
+
+bench: $(STAMP) ## benchmarks -> bench.json
+	$(PY) -m qat.bench --out bench.json $(ARGS)
+
+tensorboard: $(STAMP) ## open TensorBoard on runs/
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean: ## remove generated runs and caches (keeps .venv)
+	rm -rf runs outputs multirun bench.json .pytest_cache

@@ -1,0 +1,202 @@
+"""Config schema (Hydra ConfigStore) and validation.
+
+The dataclasses below are the schema every YAML under `configs/` extends, so a misspelled key or
+a wrong type fails at compose time with OmegaConf's message, before TensorFlow is imported.
+Range checks live in `__post_init__`, which runs when `to_settings` turns the composed config
+into these objects; library code only ever sees the objects, never a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from qat.errors import ConfigError
+
+PHASE_STEPS = {"float": ("float",), "quant": ("quant", "export"), "all": ("float", "quant", "export")}
+DATASETS = ("digits", "npz", "synthetic", "mnist", "fashion_mnist", "cifar10")
+MODELS = ("convnet", "resnet", "mobilenet")
+BN_MODES = ("params", "fold")
+BN_VARIANCE_TARGETS = ("inv_std", "variance")
+STRATEGIES = ("default", "mirrored", "multiworker")
+MIN_BITS, MAX_BITS = 2, 16  # the range tf.quantization.fake_quant_* accepts
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_bits(name: str, value: int) -> None:
+    _require(MIN_BITS <= value <= MAX_BITS,
+             f"{name}={value} is out of range: use {MIN_BITS}..{MAX_BITS} bits")
+
+
+@dataclass
+class PhaseConfig:
+    name: str = "float"
+
+    def __post_init__(self) -> None:
+        _require(self.name in PHASE_STEPS,
+                 f"phase={self.name} is unknown: use phase=float, phase=quant or phase=all")
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        return PHASE_STEPS[self.name]
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs/${run.name}"
+    overwrite: bool = False  # allow a new run to replace a finished run's files
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    path: str | None = None  # data=npz: the .npz file (keras mnist.npz layout)
+    image_size: int = 16  # digits are 8x8; resized up so the nets have room for two poolings
+    val_fraction: float = 0.2  # digits/synthetic: held-out share, split once with data.seed
+    seed: int = 0
+    # data=synthetic only
+    num_classes: int = 10
+    channels: int = 1
+    train_examples: int = 512
+    val_examples: int = 128
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATASETS, f"data={self.name} is unknown: use one of {DATASETS}")
+        _require(self.image_size >= 4, f"data.image_size={self.image_size} must be >= 4")
+        _require(0.0 < self.val_fraction < 1.0,
+                 f"data.val_fraction={self.val_fraction} must be between 0 and 1")
+        _require(self.name != "npz" or bool(self.path),
+                 "data=npz needs data.path=/path/to/file.npz")
+        _require(self.num_classes >= 2, f"data.num_classes={self.num_classes} must be >= 2")
+        _require(self.channels >= 1, f"data.channels={self.channels} must be >= 1")
+        _require(self.train_examples > 0 and self.val_examples > 0,
+                 "data.train_examples and data.val_examples must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnet"
+    width: int = 16  # channels of the first stage; later stages double it
+    bn_momentum: float = 0.9  # moving stats average ~10 steps: digits has ~22 steps an epoch
+    bn_epsilon: float = 1e-3  # Keras' default
+
+    def __post_init__(self) -> None:
+        _require(self.name in MODELS, f"model={self.name} is unknown: use one of {MODELS}")
+        _require(self.width >= 1, f"model.width={self.width} must be >= 1")
+        _require(0.0 <= self.bn_momentum < 1.0,
+                 f"model.bn_momentum={self.bn_momentum} must be in [0, 1)")
+        _require(self.bn_epsilon > 0.0, f"model.bn_epsilon={self.bn_epsilon} must be > 0")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 12
+    batch_size: int = 64
+    steps_per_epoch: int | None = None  # optional cap per epoch
+    seed: int = 0
+    learning_rate: float = 3e-3
+    save_every_steps: int | None = None  # also checkpoint mid-epoch, bounding lost work
+    strategy: str = "default"
+    verbose: int = 1  # Keras progress bar: 0 silent, 1 bar, 2 one line per epoch
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"trainer.epochs={self.epochs} must be >= 1")
+        _require(self.batch_size >= 1, f"trainer.batch_size={self.batch_size} must be >= 1")
+        _require(self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+                 f"trainer.steps_per_epoch={self.steps_per_epoch} must be >= 1 or null")
+        _require(self.learning_rate > 0, f"trainer.learning_rate={self.learning_rate} must be > 0")
+        _require(self.save_every_steps is None or self.save_every_steps >= 1,
+                 f"trainer.save_every_steps={self.save_every_steps} must be >= 1 or null")
+        _require(self.strategy in STRATEGIES,
+                 f"trainer.strategy={self.strategy} is unknown: use one of {STRATEGIES}")
+
+
+@dataclass
+class QuantConfig:
+    weight_bits: int = 8
+    activation_bits: int = 8
+    bn_bits: int = 8
+    bn: str = "params"  # params: fake-quantize gamma beta mean var; fold: simulate folded conv
+    bn_symmetric: bool = True
+    bn_per_channel: bool = False  # per-channel ranges on per-channel vectors are near-lossless
+    bn_variance: str = "inv_std"  # what is quantized for sigma^2: 1/sqrt(var+eps) or var itself
+    freeze_bn_after_steps: int | None = None  # quant-phase steps; null: never freeze
+    activation_ema_decay: float = 0.99  # tfmot hard-codes 0.999: too slow for short fine-tunes
+    init_from: str | None = None  # float checkpoint dir; null: <run.dir>/float
+    epochs: int = 3
+    learning_rate: float = 5e-4  # fine-tuning: a fraction of the float phase's rate
+
+    def __post_init__(self) -> None:
+        _check_bits("quant.weight_bits", self.weight_bits)
+        _check_bits("quant.activation_bits", self.activation_bits)
+        _check_bits("quant.bn_bits", self.bn_bits)
+        _require(self.bn in BN_MODES, f"quant.bn={self.bn} is unknown: use one of {BN_MODES}")
+        _require(self.bn_variance in BN_VARIANCE_TARGETS,
+                 f"quant.bn_variance={self.bn_variance} is unknown: use {BN_VARIANCE_TARGETS}")
+        _require(self.freeze_bn_after_steps is None or self.freeze_bn_after_steps >= 0,
+                 f"quant.freeze_bn_after_steps={self.freeze_bn_after_steps} must be >= 0 or null")
+        _require(0.0 <= self.activation_ema_decay < 1.0,
+                 f"quant.activation_ema_decay={self.activation_ema_decay} must be in [0, 1)")
+        _require(self.epochs >= 1, f"quant.epochs={self.epochs} must be >= 1")
+        _require(self.learning_rate > 0, f"quant.learning_rate={self.learning_rate} must be > 0")
+
+
+@dataclass
+class ExportConfig:
+    int8_io: bool = True  # int8 input/output tensors; false keeps float I/O around int8 compute
+    ptq: bool = False  # also post-training-quantize the float checkpoint, as a baseline
+    calibration_batches: int = 8  # PTQ representative dataset size, in batches
+    fold_tolerance: float = 1e-4  # max |dlogit| / max |logit| allowed between folded and unfolded
+
+    def __post_init__(self) -> None:
+        _require(self.calibration_batches >= 1,
+                 f"export.calibration_batches={self.calibration_batches} must be >= 1")
+        _require(self.fold_tolerance > 0, "export.fold_tolerance must be > 0")
+
+
+@dataclass
+class QATConfig:
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def register_configs() -> None:
+    """Store the schema so `configs/config.yaml` can extend it (Hydra's structured-config pattern)."""
+    cs = ConfigStore.instance()
+    cs.store(name="qat_schema", node=QATConfig)
+    for group, schema in [("phase", PhaseConfig), ("data", DataConfig), ("model", ModelConfig),
+                          ("trainer", TrainerConfig), ("quant", QuantConfig)]:
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def to_settings(cfg: DictConfig) -> QATConfig:
+    """Resolve the composed config into schema objects, running every range check."""
+    try:
+        settings = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # OmegaConf's own messages name the key
+        raise ConfigError(str(exc).splitlines()[0]) from exc
+    if not isinstance(settings, QATConfig):
+        raise ConfigError("config root is not the qat schema: keep `qat_schema` in the defaults")
+    return settings
+
+
+def settings_to_dict(settings: QATConfig) -> dict:
+    """Plain dict of a resolved config, stored beside every checkpoint."""
+    return OmegaConf.to_container(OmegaConf.structured(settings), resolve=True)
+
+
+__all__ = ["MISSING", "QATConfig", "register_configs", "to_settings", "settings_to_dict"]

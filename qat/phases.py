@@ -1,0 +1,185 @@
+"""The float and quant phases: functions of a config, built on Keras `fit` and callbacks.
+
+float: build the model with qat's BN (switches off), train, checkpoint to <run.dir>/float/.
+quant: rebuild the same model, restore the float checkpoint, wrap it with tfmot's quantizers,
+       switch qat's BN into quantized mode, fine-tune, checkpoint to <run.dir>/quant/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import tensorflow as tf
+import tf_keras
+
+from qat import callbacks as qcb
+from qat.config import QATConfig, settings_to_dict
+from qat.data import Arrays, load_arrays, make_dataset
+from qat.errors import CheckpointError, RunDirError, TrainingError
+from qat.layers import batchnorm_layers, set_switches
+from qat.models import build_model
+from qat.quantize import quantize_model
+
+CHECKPOINT_PREFIX = "ckpt"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+CHECKPOINTS_KEPT = 3
+
+
+@dataclass
+class PhaseResult:
+    """What a phase returns: its metrics (as written to metrics.json) and the trained model."""
+
+    metrics: dict
+    model: tf_keras.Model
+
+
+def phase_dir(settings: QATConfig, phase: str) -> str:
+    return os.path.join(settings.run.dir, phase)
+
+
+def tb_dir(settings: QATConfig, phase: str) -> str:
+    return os.path.join(settings.run.dir, "tb", phase)
+
+
+def float_checkpoint_dir(settings: QATConfig) -> str:
+    return settings.quant.init_from or phase_dir(settings, "float")
+
+
+# -- models ---------------------------------------------------------------------------------
+def build_float_model(settings: QATConfig, arrays: Arrays) -> tf_keras.Model:
+    return build_model(settings.model, arrays.input_shape, arrays.num_classes)
+
+
+def restore_model(model: tf_keras.Model, directory: str, what: str) -> str:
+    """Restore `model`'s variables from the newest checkpoint in `directory`, or fail clearly."""
+    path = tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+    if path is None:
+        raise CheckpointError(f"no {what} checkpoint in {directory}: run the {what} phase first"
+                              + (" or set quant.init_from=DIR" if what == "float" else ""))
+    try:
+        status = tf.train.Checkpoint(model=model).read(path)
+        status.assert_existing_objects_matched().expect_partial()
+    except (ValueError, AssertionError, tf.errors.OpError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{what} checkpoint {path} does not fit this model ({first}): use "
+                              "the model/data config it was trained with") from exc
+    return path
+
+
+def build_quant_model(settings: QATConfig, float_model: tf_keras.Model) -> tf_keras.Model:
+    """tfmot-wrapped copy of `float_model` with qat's BN switched into quantized mode."""
+    return quantize_model(float_model, settings.quant)
+
+
+# -- training -------------------------------------------------------------------------------
+def _check_not_finished(directory: str, overwrite: bool, tb: str) -> None:
+    """A finished phase is never overwritten unless run.overwrite=true (then it is replaced)."""
+    if not os.path.exists(os.path.join(directory, METRICS_FILE)):
+        return
+    if not overwrite:
+        raise RunDirError(f"{directory} holds a finished phase: pick another run.name or pass "
+                          "run.overwrite=true to replace it")
+    shutil.rmtree(directory)
+    shutil.rmtree(tb, ignore_errors=True)
+
+
+def _ensure_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".write_test")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise RunDirError(f"cannot write to {directory} ({exc.strerror}): choose a writable "
+                          "run.dir") from exc
+
+
+def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str, *, epochs: int,
+         learning_rate: float, extra_callbacks: list | None = None) -> dict:
+    """Compile and `fit` with qat's callbacks; resume from this phase's checkpoint if present."""
+    trainer = settings.trainer
+    directory, tb = phase_dir(settings, phase), tb_dir(settings, phase)
+    _check_not_finished(directory, settings.run.overwrite, tb)
+    _ensure_writable(directory)
+
+    model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate),
+                  loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
+    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=CHECKPOINTS_KEPT,
+                                         checkpoint_name=CHECKPOINT_PREFIX)
+    if manager.latest_checkpoint:  # an interrupted run of this phase: continue it
+        model.optimizer.build(model.trainable_variables)
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
+        json.dump(settings_to_dict(settings), fh, indent=2)
+
+    train = make_dataset(arrays.x_train, arrays.y_train, trainer.batch_size, shuffle=True,
+                         seed=trainer.seed)
+    val = make_dataset(arrays.x_val, arrays.y_val, trainer.batch_size, shuffle=False, seed=0)
+    timer = qcb.StepTimer(os.path.join(tb, "train"), trainer.batch_size)
+    guard = qcb.StopOnNonFinite()
+    callbacks = [
+        guard,
+        timer,
+        tf_keras.callbacks.TensorBoard(log_dir=tb, update_freq="epoch", profile_batch=0),
+        qcb.CheckpointEvery(manager, epoch_var, trainer.save_every_steps, guard),
+        *(extra_callbacks or []),
+    ]
+    initial_epoch = int(epoch_var.numpy())
+    if initial_epoch < epochs:
+        model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=trainer.steps_per_epoch, callbacks=callbacks,
+                  verbose=trainer.verbose)
+    if guard.bad_step is not None:
+        raise TrainingError(f"{phase} phase: loss became NaN/Inf at step {guard.bad_step}; the "
+                            f"last good checkpoint is kept in {directory}: lower the learning rate")
+    val_loss, val_accuracy = model.evaluate(val, verbose=0)
+    step_ms = timer.median_ms
+    metrics = {
+        "val_accuracy": float(val_accuracy),
+        "val_loss": float(val_loss),
+        "step_time_ms": step_ms,
+        "examples_per_sec": trainer.batch_size / (step_ms / 1e3) if step_ms == step_ms else None,
+        "epochs": epochs,
+        "steps": int(model.optimizer.iterations.numpy()),
+    }
+    with open(os.path.join(directory, METRICS_FILE), "w") as fh:
+        json.dump(metrics, fh, indent=2)
+    return metrics
+
+
+def run_float(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:
+    """Float pretraining with fused BN; every checkpoint holds the BN moving statistics."""
+    arrays = arrays or load_arrays(settings.data)
+    tf_keras.utils.set_random_seed(settings.trainer.seed)
+    model = build_float_model(settings, arrays)
+    metrics = _fit(model, arrays, settings, "float", epochs=settings.trainer.epochs,
+                   learning_rate=settings.trainer.learning_rate)
+    return PhaseResult(metrics, model)
+
+
+def run_quant(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:
+    """Restore the float checkpoint, switch quantization on, fine-tune with fake quantization."""
+    arrays = arrays or load_arrays(settings.data)
+    tf_keras.utils.set_random_seed(settings.trainer.seed)
+    float_model = build_float_model(settings, arrays)
+    restore_model(float_model, float_checkpoint_dir(settings), "float")
+    qmodel = build_quant_model(settings, float_model)
+    extra = []
+    if settings.quant.freeze_bn_after_steps is not None:
+        extra.append(qcb.FreezeBatchNormAfter(batchnorm_layers(qmodel),
+                                              settings.quant.freeze_bn_after_steps))
+    metrics = _fit(qmodel, arrays, settings, "quant", epochs=settings.quant.epochs,
+                   learning_rate=settings.quant.learning_rate, extra_callbacks=extra)
+    return PhaseResult(metrics, qmodel)
+
+
+__all__ = ["PhaseResult", "run_float", "run_quant", "restore_model", "build_float_model",
+           "build_quant_model", "set_switches"]

@@ -1,0 +1,345 @@
+"""Quantization policy on tfmot: quantizers, QuantizeConfigs, a scheme, and `quantize_model`.
+
+Placement follows what the int8 file will compute (TFLite fuses conv+BN+ReLU into one op):
+  * conv / depthwise / dense kernels: tfmot's LastValueQuantizer, symmetric per output channel
+    (depthwise kernels are reshaped so "channel" means output channel, not depth multiplier);
+  * no fake-quant between a conv and the BN folded into it, nor between BN and its ReLU;
+  * one activation fake-quant where the int8 graph has a tensor: after ReLU, Add, pooling, the
+    logits, the input, and after a BN that no ReLU follows;
+  * BN's own gamma, beta, mean and variance: inside qat's BN layer, behind its switch
+    (`quant.bn=params`), or folded into the preceding kernel's quantizer (`quant.bn=fold`).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras
+
+from tensorflow_model_optimization.python.core.quantization.keras import utils as tfmot_utils
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (
+    QuantizeLayer,  # not exported by tfmot's public API, but what its own input transform adds
+)
+
+from qat.config import QuantConfig
+from qat.errors import ConfigError
+from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
+from qat.quant_ops import fake_quant
+
+tfq = tfmot.quantization.keras
+LINEAR_KERNELS = {"Conv2D": "kernel", "DepthwiseConv2D": "depthwise_kernel", "Dense": "kernel"}
+OUTPUT_QUANTIZED = ("ReLU", "Add", "GlobalAveragePooling2D", "AveragePooling2D", "Concatenate",
+                    "ChannelAffine")
+PASS_THROUGH = ("MaxPooling2D", "Flatten", "Reshape", "Dropout")  # int8 in, same int8 out
+# Quantizer range variables start where tfmot starts them; the first batch overwrites them.
+INITIAL_RANGE = 6.0
+FOLD_SCALE_FLOOR = 1e-8  # |gamma/sigma| below this would blow up W*s/s; treat as this small
+
+
+# -- quantizers -------------------------------------------------------------------------------
+class ActivationQuantizer(tfq.quantizers.Quantizer):
+    """Asymmetric per-tensor activation fake-quant with EMA ranges, seeded by the first batch.
+
+    tfmot's MovingAverageQuantizer starts every range at [-6, 6] and averages with decay 0.999,
+    so a fine-tune of a few hundred steps keeps most of that arbitrary start. Here the first
+    training batch sets the range and `ema_decay` (configurable) smooths from there on.
+    """
+
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99):
+        self.num_bits = int(num_bits)
+        self.ema_decay = float(ema_decay)
+
+    def build(self, tensor_shape, name, layer):
+        constant = tf_keras.initializers.Constant
+        return {
+            "min_var": layer.add_weight(f"{name}_min", initializer=constant(-INITIAL_RANGE),
+                                        trainable=False),
+            "max_var": layer.add_weight(f"{name}_max", initializer=constant(INITIAL_RANGE),
+                                        trainable=False),
+            "seen": layer.add_weight(f"{name}_seen", initializer="zeros", trainable=False),
+        }
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        lo, hi = weights["min_var"], weights["max_var"]
+        if training:
+            batch_lo = tf.minimum(tf.reduce_min(inputs), 0.0)
+            batch_hi = tf.maximum(tf.reduce_max(inputs), 0.0)
+            keep = self.ema_decay * weights["seen"]  # 0 on the first batch: take it as is
+            lo = lo.assign(keep * lo + (1.0 - keep) * batch_lo)
+            hi = hi.assign(keep * hi + (1.0 - keep) * batch_hi)
+            with tf.control_dependencies([lo, hi]):
+                weights["seen"].assign(1.0)
+        return tf.quantization.fake_quant_with_min_max_vars(inputs, lo, hi,
+                                                            num_bits=self.num_bits)
+
+    def get_config(self) -> dict:
+        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay}
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+
+class DepthwiseKernelQuantizer(tfq.quantizers.LastValueQuantizer):
+    """tfmot's LastValueQuantizer with one range per output channel of a depthwise kernel.
+
+    A depthwise kernel is kh×kw×C×M; tfmot's per-axis quantizer takes the last axis (M, usually
+    1), i.e. one range for the whole layer, which breaks once BN is folded (tfmot #438). TFLite
+    stores it as 1×kh×kw×(C·M), so ranges are per C·M, as here.
+    """
+
+    def build(self, tensor_shape, name, layer):
+        channels = int(tensor_shape[-2]) * int(tensor_shape[-1])
+        return self._add_range_weights(layer, name, self.per_axis, (channels,))
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        kh, kw, c, m = inputs.shape
+        flat = tf.reshape(inputs, (kh, kw, 1, c * m))
+        return tf.reshape(super().__call__(flat, training, weights, **kwargs), (kh, kw, c, m))
+
+
+class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
+    """`quant.bn=fold`: quantize W·γ/√(σ²+ε) as int8 hardware stores it, then divide back.
+
+    conv(x, fq(W·s)/s) = conv(x, fq(W·s))/s, so the BN that follows (batch statistics before the
+    freeze, moving ones after) sees exactly the folded int8 layer's output, rescaled: PyTorch's
+    ConvBn `_forward_approximate`, with the batch-statistics correction it implies. The BN layer
+    is bound after tfmot builds the model (`bind`); until then the kernel is quantized unscaled.
+    """
+
+    def __init__(self, num_bits: int = 8, depthwise: bool = False):
+        self.num_bits = int(num_bits)
+        self.depthwise = bool(depthwise)
+        self.bn: QuantBatchNorm | None = None
+
+    def bind(self, bn: QuantBatchNorm) -> None:
+        self.bn = bn
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        kernel = inputs
+        shape = kernel.shape
+        if self.depthwise:
+            kernel = tf.reshape(kernel, (*shape[:2], 1, shape[2] * shape[3]))
+        if self.bn is None:
+            scale = tf.ones(kernel.shape[-1:])
+        else:
+            scale = self.bn.gamma * tf.math.rsqrt(self.bn.moving_variance + self.bn.epsilon)
+            floor = tf.where(scale < 0, -FOLD_SCALE_FLOOR, FOLD_SCALE_FLOOR)
+            scale = tf.where(tf.abs(scale) < FOLD_SCALE_FLOOR, floor, scale)
+        folded = fake_quant(kernel * scale, num_bits=self.num_bits, symmetric=True,
+                            per_channel=True, narrow_range=True)
+        return tf.reshape(folded / scale, shape)
+
+    def get_config(self) -> dict:
+        return {"num_bits": self.num_bits, "depthwise": self.depthwise}
+
+
+# -- quantize configs -------------------------------------------------------------------------
+class LayerQuantizeConfig(tfq.QuantizeConfig):
+    """One config for every layer kind: an optional kernel quantizer, an optional output one.
+
+    `kernel`: None (no weights), "per_channel", "depthwise" or "folded". Built from plain values
+    so it serializes through tfmot's clone-and-rebuild without custom nested objects.
+    """
+
+    def __init__(self, kernel_attr: str | None = None, kernel: str | None = None,
+                 weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99):
+        self.kernel_attr = kernel_attr
+        self.kernel = kernel
+        self.weight_bits = weight_bits
+        self.output_bits = output_bits
+        self.ema_decay = ema_decay
+        self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits)
+        self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay)
+                                 if output_bits is not None else None)
+
+    def get_weights_and_quantizers(self, layer):
+        if self.kernel_quantizer is None:
+            return []
+        return [(getattr(layer, self.kernel_attr), self.kernel_quantizer)]
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        if self.kernel_quantizer is not None:
+            setattr(layer, self.kernel_attr, quantize_weights[0])
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [self.output_quantizer] if self.output_quantizer is not None else []
+
+    def get_config(self) -> dict:
+        return {"kernel_attr": self.kernel_attr, "kernel": self.kernel,
+                "weight_bits": self.weight_bits, "output_bits": self.output_bits,
+                "ema_decay": self.ema_decay}
+
+
+def _kernel_quantizer(kind: str | None, bits: int):
+    if kind is None:
+        return None
+    if kind == "per_channel":
+        return tfq.quantizers.LastValueQuantizer(num_bits=bits, per_axis=True, symmetric=True,
+                                                 narrow_range=True)
+    if kind == "depthwise":
+        return DepthwiseKernelQuantizer(num_bits=bits, per_axis=True, symmetric=True,
+                                        narrow_range=True)
+    if kind in ("folded", "folded_depthwise"):
+        return FoldedKernelQuantizer(bits, depthwise=kind == "folded_depthwise")
+    raise ValueError(f"unknown kernel quantizer kind {kind!r}")
+
+
+# -- scheme -----------------------------------------------------------------------------------
+class _InputQuantize(tfq.default_8bit.default_8bit_transforms.InputLayerQuantize):
+    """tfmot's input transform, with qat's activation quantizer and bit width."""
+
+    def __init__(self, bits: int, ema_decay: float):
+        self.bits, self.ema_decay = bits, ema_decay
+
+    def replacement(self, match_layer):
+        layer = QuantizeLayer(ActivationQuantizer(self.bits, self.ema_decay))
+        config = tfmot_utils.serialize_layer(layer, use_legacy_format=True)
+        config["name"] = layer.name
+        return tfq.graph_transformations.transforms.LayerNode(config, input_layers=[match_layer])
+
+    def custom_objects(self):
+        return {"QuantizeLayer": QuantizeLayer,
+                "ActivationQuantizer": ActivationQuantizer}
+
+
+class _InputOnlyLayout(tfq.QuantizeLayoutTransform):
+    """Every layer arrives annotated with its config, so the only rewrite is the input quantizer."""
+
+    def __init__(self, bits: int, ema_decay: float):
+        self.transforms = [_InputQuantize(bits, ema_decay)]
+
+    def apply(self, model, layer_quantize_map):
+        return tfq.graph_transformations.model_transformer.ModelTransformer(
+            model, self.transforms, set(layer_quantize_map), layer_quantize_map).transform()
+
+
+class _AnnotatedOnlyRegistry(tfq.QuantizeRegistry):
+    """qat annotates every layer explicitly; anything unannotated is left alone."""
+
+    def get_quantize_config(self, layer):
+        return None
+
+    def supports(self, layer):
+        return False
+
+
+class QatQuantizeScheme(tfq.QuantizeScheme):
+    def __init__(self, activation_bits: int, ema_decay: float):
+        self.activation_bits, self.ema_decay = activation_bits, ema_decay
+
+    def get_layout_transformer(self):
+        return _InputOnlyLayout(self.activation_bits, self.ema_decay)
+
+    def get_quantize_registry(self):
+        return _AnnotatedOnlyRegistry()
+
+
+# -- graph analysis ---------------------------------------------------------------------------
+def _consumers(layer) -> list:
+    return [node.outbound_layer for node in layer._outbound_nodes]
+
+
+def _producers(layer) -> list:
+    return [p for node in layer._inbound_nodes for p in tf.nest.flatten(node.inbound_layers)]
+
+
+def folding_pairs(model: tf_keras.Model) -> dict[str, str]:
+    """{BN name: name of the conv/depthwise/dense it folds into} for BNs with such a producer."""
+    pairs = {}
+    for layer in model.layers:
+        if isinstance(layer, QuantBatchNorm):
+            producers = _producers(layer)
+            if (len(producers) == 1 and type(producers[0]).__name__ in LINEAR_KERNELS
+                    and len(_consumers(producers[0])) == 1
+                    and producers[0].get_config().get("activation", "linear") == "linear"):
+                pairs[layer.name] = producers[0].name
+    return pairs
+
+
+def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuantizeConfig:
+    """The declarative part: which layer kind gets which quantizers, given its neighbours."""
+    kind = type(layer).__name__
+    consumers = _consumers(layer)
+    fused_into_next = len(consumers) == 1 and type(consumers[0]).__name__ in (
+        "ReLU", "QuantBatchNorm")
+    output_bits = None if fused_into_next else cfg.activation_bits
+    common = {"output_bits": output_bits, "ema_decay": cfg.activation_ema_decay}
+    if kind in LINEAR_KERNELS:
+        folds = layer.name in pairs.values()
+        if folds:
+            common["output_bits"] = None  # never quantize between a conv and its BN
+        depthwise = kind == "DepthwiseConv2D"
+        if folds and cfg.bn == "fold":
+            kernel = "folded_depthwise" if depthwise else "folded"
+        else:
+            kernel = "depthwise" if depthwise else "per_channel"
+        return LayerQuantizeConfig(LINEAR_KERNELS[kind], kernel, cfg.weight_bits, **common)
+    if kind == "QuantBatchNorm":
+        common["output_bits"] = None if fused_into_next and type(
+            consumers[0]).__name__ == "ReLU" else cfg.activation_bits
+        return LayerQuantizeConfig(**common)
+    if kind in OUTPUT_QUANTIZED:
+        if kind == "ReLU":
+            common["output_bits"] = cfg.activation_bits
+        return LayerQuantizeConfig(**common)
+    if kind in PASS_THROUGH:
+        return LayerQuantizeConfig()
+    raise ConfigError(f"layer {layer.name} ({kind}) has no quantization rule: build models "
+                      f"from {sorted({*LINEAR_KERNELS, *OUTPUT_QUANTIZED, *PASS_THROUGH})}")
+
+
+# -- entry point ------------------------------------------------------------------------------
+def quantize_scope():
+    return tfq.quantize_scope({
+        **CUSTOM_OBJECTS, "LayerQuantizeConfig": LayerQuantizeConfig,
+        "ActivationQuantizer": ActivationQuantizer,
+        "DepthwiseKernelQuantizer": DepthwiseKernelQuantizer,
+        "FoldedKernelQuantizer": FoldedKernelQuantizer,
+    })
+
+
+def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
+    """tfmot-quantized copy of `model` (weights copied) with qat's BN switched on per `cfg.bn`.
+
+    BNs that fold into a kernel in `fold` mode keep float parameters (the kernel quantizer carries
+    their quantization); every other BN fake-quantizes gamma, beta, mean and variance.
+    """
+    pairs = folding_pairs(model)
+    bn_overrides = {"bn_bits": cfg.bn_bits, "bn_symmetric": cfg.bn_symmetric,
+                    "bn_per_channel": cfg.bn_per_channel, "bn_variance": cfg.bn_variance}
+
+    def annotate(layer):
+        config = layer.get_config()
+        if isinstance(layer, QuantBatchNorm):
+            config.update(bn_overrides)
+        clone = layer.__class__.from_config(config)
+        return tfq.quantize_annotate_layer(clone, _layer_config(layer, pairs, cfg))
+
+    with quantize_scope():
+        annotated = tf_keras.models.clone_model(model, clone_function=annotate)
+        annotated.set_weights(model.get_weights())
+        qmodel = tfq.quantize_apply(annotated, QatQuantizeScheme(cfg.activation_bits,
+                                                                 cfg.activation_ema_decay))
+    wrappers = {layer.layer.name: layer for layer in qmodel.layers
+                if isinstance(layer, tfq.QuantizeWrapperV2)}
+    for name, wrapper in wrappers.items():
+        if not isinstance(wrapper.layer, QuantBatchNorm):
+            continue
+        folded_by_kernel = cfg.bn == "fold" and name in pairs
+        wrapper.layer.quant_switch.assign(0 if folded_by_kernel else 1)
+        wrapper.layer.freeze_switch.assign(0)
+        if folded_by_kernel:
+            wrappers[pairs[name]].quantize_config.kernel_quantizer.bind(wrapper.layer)
+    return qmodel
