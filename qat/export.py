@@ -1,1 +1,221 @@
-"""placeholder"""
+"""Export: fold BN, write SavedModel + float and full-int8 TFLite, evaluate the written files.
+
+`python -m qat.export run.dir=DIR` does this for an existing run; `phase=quant|all` runs it last.
+The int8 file is converted from the *folded* model re-wrapped with tfmot's quantizers and given
+the activation ranges learned during QAT, so TFLite computes what the QAT model simulated.
+Accuracy is measured on the written .tflite files with ai-edge-litert, not on the Keras graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras
+
+from qat.config import QATConfig
+from qat.data import Arrays, load_arrays
+from qat.errors import ExportError
+from qat.fold import dequantized_float_model, fold_batchnorms, parity
+from qat.phases import (build_float_model, build_quant_model, phase_dir, restore_model,
+                        float_checkpoint_dir, tb_dir)
+from qat.quantize import LINEAR_KERNELS, quantize_model
+
+EVAL_BATCH = 256
+
+
+# -- conversion -------------------------------------------------------------------------------
+def export_float_tflite(model: tf_keras.Model, path: str) -> int:
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    return _write(path, converter.convert())
+
+
+def export_int8_tflite(qmodel: tf_keras.Model, path: str, int8_io: bool) -> int:
+    """Full-integer file from a fake-quant model: ranges come from its FakeQuant ops."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(qmodel)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if int8_io:
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return _write(path, converter.convert())
+
+
+def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
+                      int8_io: bool) -> int:
+    """Post-training quantization of a float model, calibrated on `calibration` images."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x[None]] for x in calibration)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if int8_io:
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return _write(path, converter.convert())
+
+
+def _write(path: str, blob: bytes) -> int:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(blob)
+    os.replace(tmp, path)
+    return len(blob)
+
+
+# -- evaluation of written files ----------------------------------------------------------------
+def tflite_logits(path: str, x: np.ndarray) -> np.ndarray:
+    """Run a .tflite file on NHWC float images; (de)quantizes int8 I/O with the file's params."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    inp = interpreter.get_input_details()[0]
+    outputs = []
+    for start in range(0, len(x), EVAL_BATCH):
+        batch = x[start:start + EVAL_BATCH]
+        interpreter.resize_tensor_input(inp["index"], batch.shape)
+        interpreter.allocate_tensors()
+        inp = interpreter.get_input_details()[0]
+        out = interpreter.get_output_details()[0]
+        if inp["dtype"] == np.int8:
+            scale, zero = inp["quantization"]
+            batch = np.clip(np.round(batch / scale + zero), -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], batch)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])
+        if out["dtype"] == np.int8:
+            scale, zero = out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        outputs.append(y)
+    return np.concatenate(outputs)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+# -- ranges for the int8 graph --------------------------------------------------------------
+def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model) -> None:
+    """Give the folded fake-quant model the activation ranges learned during QAT (by layer name)."""
+    def ranges(model):
+        found = {}
+        for layer in model.layers:
+            key = "input" if type(layer).__name__ == "QuantizeLayer" else getattr(
+                getattr(layer, "layer", None), "name", layer.name)
+            kinds = {w.name.split(":")[0].rsplit("_", 1)[-1]: w for w in layer.weights
+                     if "kernel" not in w.name}
+            found[key] = {k: w for k, w in kinds.items() if k in ("min", "max", "seen")}
+        return found
+
+    src = ranges(source)
+    for name, variables in ranges(target).items():
+        for short, var in variables.items():
+            if name not in src or short not in src[name]:
+                raise ExportError(f"no learned range for {name}/{short} in the QAT model: the "
+                                  "folded graph does not match the trained one")
+            var.assign(src[name][short])
+
+
+def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
+    """Kernel ranges = the folded kernel's own per-channel extent (what the converter stores)."""
+    for wrapper in qmodel.layers:
+        if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapperV2):
+            continue
+        for weight, _, qvars in wrapper._weight_vars:
+            kernel = weight.numpy()
+            if type(wrapper.layer).__name__ == "DepthwiseConv2D":
+                kernel = kernel.reshape(*kernel.shape[:2], 1, -1)
+            bound = np.abs(kernel.reshape(-1, kernel.shape[-1])).max(axis=0)
+            if qvars["min_var"].shape.rank == 0:  # per-tensor kernel
+                bound = bound.max()
+            qvars["min_var"].assign(-bound)
+            qvars["max_var"].assign(bound)
+
+
+# -- the whole step -------------------------------------------------------------------------------
+def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
+    """Fold, export and evaluate the quant checkpoint of `settings.run.dir`; writes report.json."""
+    arrays = arrays or load_arrays(settings.data)
+    out_dir = os.path.join(settings.run.dir, "export")
+    qmodel = build_quant_model(settings, build_float_model(settings, arrays))
+    restore_model(qmodel, phase_dir(settings, "quant"), "quant")
+    x, y = arrays.x_val, arrays.y_val
+    qat_logits = qmodel.predict(x, verbose=0, batch_size=EVAL_BATCH)
+
+    unfolded = dequantized_float_model(qmodel, build_float_model(settings, arrays))
+    folded = fold_batchnorms(unfolded)
+    fold_diff = parity(unfolded, folded, x, settings.export.fold_tolerance)
+
+    qfolded = quantize_model(folded, settings.quant)
+    _copy_activation_ranges(qmodel, qfolded)
+    _set_kernel_ranges(qfolded)
+
+    staging = f"{out_dir}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    folded.save(os.path.join(staging, "saved_model"), save_format="tf")
+    float_path, int8_path = (os.path.join(staging, f) for f in ("model_float.tflite",
+                                                                "model_int8.tflite"))
+    float_bytes = export_float_tflite(folded, float_path)
+    int8_bytes = export_int8_tflite(qfolded, int8_path, settings.export.int8_io)
+    int8_logits = tflite_logits(int8_path, x)
+    report = {
+        "fold_max_abs_diff": fold_diff,
+        "qat_val_accuracy": accuracy(qat_logits, y),
+        "tflite_float_accuracy": accuracy(tflite_logits(float_path, x), y),
+        "tflite_int8_accuracy": accuracy(int8_logits, y),
+        "int8_agreement": float(np.mean(np.argmax(int8_logits, -1) == np.argmax(qat_logits, -1))),
+        "float_bytes": float_bytes,
+        "int8_bytes": int8_bytes,
+    }
+    if settings.export.ptq:
+        report.update(_ptq_baseline(settings, arrays, staging))
+    with open(os.path.join(staging, "report.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+    _log_report(report, tb_dir(settings, "quant"))
+    return report
+
+
+def _ptq_baseline(settings: QATConfig, arrays: Arrays, out_dir: str) -> dict:
+    float_model = build_float_model(settings, arrays)
+    restore_model(float_model, float_checkpoint_dir(settings), "float")
+    folded = fold_batchnorms(float_model)
+    rng = np.random.default_rng(settings.data.seed)
+    n = min(len(arrays.x_train), settings.export.calibration_batches * settings.trainer.batch_size)
+    calibration = arrays.x_train[rng.choice(len(arrays.x_train), n, replace=False)]
+    path = os.path.join(out_dir, "model_ptq_int8.tflite")
+    size = export_ptq_tflite(folded, calibration, path, settings.export.int8_io)
+    return {"ptq_int8_accuracy": accuracy(tflite_logits(path, arrays.x_val), arrays.y_val),
+            "ptq_int8_bytes": size}
+
+
+def _log_report(report: dict, log_dir: str) -> None:
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "export"))
+    with writer.as_default():
+        for key, value in report.items():
+            tf.summary.scalar(f"export/{key}", value, step=0)
+    writer.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qat.export run.dir=DIR [overrides]`: the run's own config, then overrides."""
+    from qat.cli import compose_for_run
+    from qat.errors import QatError
+
+    try:
+        settings = compose_for_run(argv if argv is not None else sys.argv[1:])
+        report = export_run(settings)
+    except QatError as exc:
+        print(f"qat: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

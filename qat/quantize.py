@@ -1,8 +1,11 @@
 """Quantization policy on tfmot: quantizers, QuantizeConfigs, a scheme, and `quantize_model`.
 
 Placement follows what the int8 file will compute (TFLite fuses conv+BN+ReLU into one op):
-  * conv / depthwise / dense kernels: tfmot's LastValueQuantizer, symmetric per output channel
+  * conv / depthwise kernels: tfmot's LastValueQuantizer, symmetric per output channel
     (depthwise kernels are reshaped so "channel" means output channel, not depth multiplier);
+    dense kernels per tensor, as in tfmot's default scheme: TFLite stores FC weights as out×in,
+    and the converter rejects a per-channel FakeQuant on Keras' in×out kernel ("tfl.transpose
+    op has mismatched quantized axes");
   * no fake-quant between a conv and the BN folded into it, nor between BN and its ReLU;
   * one activation fake-quant where the int8 graph has a tensor: after ReLU, Add, pooling, the
     logits, the input, and after a BN that no ReLU follows;
@@ -109,9 +112,10 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
     is bound after tfmot builds the model (`bind`); until then the kernel is quantized unscaled.
     """
 
-    def __init__(self, num_bits: int = 8, depthwise: bool = False):
+    def __init__(self, num_bits: int = 8, depthwise: bool = False, per_channel: bool = True):
         self.num_bits = int(num_bits)
         self.depthwise = bool(depthwise)
+        self.per_channel = bool(per_channel)
         self.bn: QuantBatchNorm | None = None
 
     def bind(self, bn: QuantBatchNorm) -> None:
@@ -132,18 +136,20 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
             floor = tf.where(scale < 0, -FOLD_SCALE_FLOOR, FOLD_SCALE_FLOOR)
             scale = tf.where(tf.abs(scale) < FOLD_SCALE_FLOOR, floor, scale)
         folded = fake_quant(kernel * scale, num_bits=self.num_bits, symmetric=True,
-                            per_channel=True, narrow_range=True)
+                            per_channel=self.per_channel, narrow_range=True)
         return tf.reshape(folded / scale, shape)
 
     def get_config(self) -> dict:
-        return {"num_bits": self.num_bits, "depthwise": self.depthwise}
+        return {"num_bits": self.num_bits, "depthwise": self.depthwise,
+                "per_channel": self.per_channel}
 
 
 # -- quantize configs -------------------------------------------------------------------------
 class LayerQuantizeConfig(tfq.QuantizeConfig):
     """One config for every layer kind: an optional kernel quantizer, an optional output one.
 
-    `kernel`: None (no weights), "per_channel", "depthwise" or "folded". Built from plain values
+    `kernel`: None (no weights), "per_channel", "per_tensor", "depthwise", or "folded",
+    "folded_depthwise", "folded_per_tensor" (`quant.bn=fold`). Built from plain values
     so it serializes through tfmot's clone-and-rebuild without custom nested objects.
     """
 
@@ -185,14 +191,15 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
 def _kernel_quantizer(kind: str | None, bits: int):
     if kind is None:
         return None
-    if kind == "per_channel":
-        return tfq.quantizers.LastValueQuantizer(num_bits=bits, per_axis=True, symmetric=True,
-                                                 narrow_range=True)
+    if kind in ("per_channel", "per_tensor"):
+        return tfq.quantizers.LastValueQuantizer(num_bits=bits, per_axis=kind == "per_channel",
+                                                 symmetric=True, narrow_range=True)
     if kind == "depthwise":
         return DepthwiseKernelQuantizer(num_bits=bits, per_axis=True, symmetric=True,
                                         narrow_range=True)
-    if kind in ("folded", "folded_depthwise"):
-        return FoldedKernelQuantizer(bits, depthwise=kind == "folded_depthwise")
+    if kind in ("folded", "folded_depthwise", "folded_per_tensor"):
+        return FoldedKernelQuantizer(bits, depthwise=kind == "folded_depthwise",
+                                     per_channel=kind != "folded_per_tensor")
     raise ValueError(f"unknown kernel quantizer kind {kind!r}")
 
 
@@ -280,11 +287,11 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuanti
         folds = layer.name in pairs.values()
         if folds:
             common["output_bits"] = None  # never quantize between a conv and its BN
-        depthwise = kind == "DepthwiseConv2D"
+        kernel = {"Conv2D": "per_channel", "DepthwiseConv2D": "depthwise",
+                  "Dense": "per_tensor"}[kind]
         if folds and cfg.bn == "fold":
-            kernel = "folded_depthwise" if depthwise else "folded"
-        else:
-            kernel = "depthwise" if depthwise else "per_channel"
+            kernel = {"per_channel": "folded", "depthwise": "folded_depthwise",
+                      "per_tensor": "folded_per_tensor"}[kernel]
         return LayerQuantizeConfig(LINEAR_KERNELS[kind], kernel, cfg.weight_bits, **common)
     if kind == "QuantBatchNorm":
         common["output_bits"] = None if fused_into_next and type(

@@ -1,0 +1,144 @@
+"""Fold BN into the preceding conv/depthwise/dense: a BN-free Keras model, with a parity check.
+
+For a BN after a linear layer (kernel W, bias b), per output channel c:
+    s_c = gamma_c / sqrt(var_c + eps),   W'[..., c] = W[..., c] * s_c,   b'_c = beta_c + (b_c - mu_c) * s_c
+(depthwise: c runs over C·M output channels). gamma, beta, mu and var are the BN's *effective*
+values: fake-quantized when its quant switch is on. A BN with nothing to fold into becomes a
+per-channel scale and shift (a 1×1 depthwise conv on NHWC, `ChannelAffine` on N×C): never dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras
+
+from qat.errors import ExportError
+from qat.layers import ChannelAffine, QuantBatchNorm
+from qat.quantize import LINEAR_KERNELS, folding_pairs
+
+
+def bn_scale_shift(bn: QuantBatchNorm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(s, mu, beta) per channel from the BN's effective (possibly quantized) parameters."""
+    gamma, beta, mean, variance = (t.numpy().astype(np.float64) for t in bn.effective_params())
+    scale = gamma / np.sqrt(variance + bn.epsilon)
+    return scale, mean, beta
+
+
+def fold_linear(kernel: np.ndarray, bias: np.ndarray | None, kind: str,
+                bn: QuantBatchNorm) -> tuple[np.ndarray, np.ndarray]:
+    """Folded (kernel, bias) for one linear layer followed by `bn`."""
+    scale, mean, beta = bn_scale_shift(bn)
+    k = kernel.astype(np.float64)
+    if kind == "DepthwiseConv2D":  # kh×kw×C×M: output channel c·M + m
+        kh, kw, c, m = k.shape
+        k = (k.reshape(kh, kw, c * m) * scale).reshape(kh, kw, c, m)
+    else:
+        k = k * scale
+    b = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
+    return k.astype(np.float32), (beta + (b - mean) * scale).astype(np.float32)
+
+
+def _rebuild(model: tf_keras.Model, replace) -> tf_keras.Model:
+    """Re-wire a functional model layer by layer. `replace(layer)` returns the new layer, or
+    None to drop the layer (its output becomes its input). Assumes each layer is called once."""
+    tensors: dict[str, object] = {}
+    new_inputs = []
+    for layer in model.layers:
+        if isinstance(layer, tf_keras.layers.InputLayer):
+            new = tf_keras.Input(shape=layer.input_shape[0][1:], name=layer.name)
+            tensors[layer.name] = new
+            new_inputs.append(new)
+            continue
+        inbound = [p.name for node in layer._inbound_nodes
+                   for p in tf.nest.flatten(node.inbound_layers)]
+        args = [tensors[name] for name in inbound]
+        new_layer = replace(layer)
+        if new_layer is None:
+            tensors[layer.name] = args[0]
+        else:
+            tensors[layer.name] = new_layer(args[0] if len(args) == 1 else args)
+    outputs = [tensors[name] for name in model.output_names]
+    return tf_keras.Model(new_inputs, outputs[0] if len(outputs) == 1 else outputs,
+                          name=f"{model.name}_folded")
+
+
+def fold_batchnorms(model: tf_keras.Model) -> tf_keras.Model:
+    """BN-free copy of a float model (no tfmot wrappers) with the same layer names."""
+    pairs = folding_pairs(model)
+    folded_into = {linear: bn for bn, linear in pairs.items()}
+
+    def replace(layer):
+        config = layer.get_config()
+        if isinstance(layer, QuantBatchNorm):
+            if layer.name in pairs:
+                return None
+            if len(layer.input_shape) == 4:
+                return tf_keras.layers.DepthwiseConv2D(1, use_bias=True, name=layer.name)
+            return ChannelAffine(name=layer.name)
+        if layer.name in folded_into:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    folded = _rebuild(model, replace)
+    for layer in model.layers:
+        if isinstance(layer, tf_keras.layers.InputLayer) or layer.name in pairs:
+            continue
+        target = folded.get_layer(layer.name)
+        if layer.name in folded_into:
+            kind = type(layer).__name__
+            kernel = getattr(layer, LINEAR_KERNELS[kind]).numpy()
+            bias = layer.bias.numpy() if getattr(layer, "use_bias", False) else None
+            target.set_weights(list(fold_linear(kernel, bias, kind, model.get_layer(
+                folded_into[layer.name]))))
+        elif isinstance(layer, QuantBatchNorm):
+            scale, mean, beta = bn_scale_shift(layer)
+            offset = beta - mean * scale
+            if isinstance(target, ChannelAffine):
+                target.set_weights([scale.astype(np.float32), offset.astype(np.float32)])
+            else:
+                target.set_weights([scale.reshape(1, 1, -1, 1).astype(np.float32),
+                                    offset.astype(np.float32)])
+        else:
+            target.set_weights(layer.get_weights())
+    return folded
+
+
+def dequantized_float_model(qmodel: tf_keras.Model, float_model: tf_keras.Model) -> tf_keras.Model:
+    """Load a QAT model's weights into its float architecture, kernels as inference quantizes them.
+
+    The result computes the QAT model minus activation fake-quant; BN switches are copied, so BN
+    parameters stay quantized where they were. This is what folding starts from.
+    """
+    for wrapper in qmodel.layers:
+        if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapperV2):
+            continue
+        inner, target = wrapper.layer, float_model.get_layer(wrapper.layer.name)
+        # tfmot replaces the inner layer's kernel attribute with its quantized tensor, so the
+        # wrapper, not the inner layer, tracks the variables: match them by name.
+        source = {_short_name(w): w for w in wrapper.weights}
+        quantized = {_short_name(weight): quantizer(weight, False, qvars)
+                     for weight, quantizer, qvars in wrapper._weight_vars}
+        for weight in target.weights:
+            key = _short_name(weight)
+            weight.assign(quantized[key] if key in quantized else source[key])
+    return float_model
+
+
+def _short_name(variable) -> str:
+    """'block1a_conv/kernel:0' for a variable, whatever scopes enclose it."""
+    return "/".join(variable.name.split("/")[-2:])
+
+
+def parity(reference: tf_keras.Model, folded: tf_keras.Model, x: np.ndarray,
+           tolerance: float) -> float:
+    """Max |Δlogit| between the models in inference mode; raises above tolerance × max |logit|."""
+    ref = reference.predict(x, verbose=0, batch_size=256)
+    out = folded.predict(x, verbose=0, batch_size=256)
+    diff = float(np.max(np.abs(ref - out)))
+    bound = tolerance * max(float(np.max(np.abs(ref))), 1.0)
+    if not diff <= bound:
+        raise ExportError(f"folded model differs from the unfolded one by {diff:.3g} (allowed "
+                          f"{bound:.3g}): folding is wrong for this model, refusing to export")
+    return diff
