@@ -15,7 +15,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from qat.errors import ConfigError
 
-PHASE_STEPS = {"float": ("float",), "quant": ("quant", "export"), "all": ("float", "quant", "export")}
+PHASE_STEPS = {
+    "float": ("float",),
+    "quant": ("quant", "export"),
+    "all": ("float", "quant", "export"),
+}
 DATASETS = ("digits", "npz", "synthetic", "mnist", "fashion_mnist", "cifar10")
 MODELS = ("convnet", "resnet", "mobilenet")
 BN_MODES = ("params", "fold")
@@ -173,7 +177,7 @@ class QATConfig:
 
 
 def register_configs() -> None:
-    """Store the schema so `configs/config.yaml` can extend it (Hydra's structured-config pattern)."""
+    """Store the schema so `configs/config.yaml` extends it (Hydra's structured-config pattern)."""
     cs = ConfigStore.instance()
     cs.store(name="qat_schema", node=QATConfig)
     for group, schema in [("phase", PhaseConfig), ("data", DataConfig), ("model", ModelConfig),

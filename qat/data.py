@@ -142,9 +142,9 @@ def _labels(y: np.ndarray, n: int, split: str, path: str) -> np.ndarray:
     y = np.asarray(y).reshape(-1)
     if len(y) != n:
         raise DataError(f"{path}: y_{split} has {len(y)} labels for {n} images: they must match")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise DataError(f"{path}: y_{split} holds non-integer labels: use class ids 0..K-1")
+    if not np.issubdtype(y.dtype, np.integer) and (
+            not np.all(np.isfinite(y)) or np.any(y != np.round(y))):
+        raise DataError(f"{path}: y_{split} holds non-integer labels: use class ids 0..K-1")
     if y.min() < 0:
         raise DataError(f"{path}: y_{split} has label {int(y.min())} out of range: use class "
                         "ids 0..K-1")

@@ -22,9 +22,15 @@ from qat.config import QATConfig
 from qat.data import Arrays, load_arrays
 from qat.errors import ExportError
 from qat.fold import dequantized_float_model, fold_batchnorms, parity
-from qat.phases import (build_float_model, build_quant_model, phase_dir, restore_model,
-                        float_checkpoint_dir, tb_dir)
-from qat.quantize import LINEAR_KERNELS, quantize_model
+from qat.phases import (
+    build_float_model,
+    build_quant_model,
+    float_checkpoint_dir,
+    phase_dir,
+    restore_model,
+    tb_dir,
+)
+from qat.quantize import quantize_model
 
 EVAL_BATCH = 256
 

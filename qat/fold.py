@@ -1,7 +1,8 @@
 """Fold BN into the preceding conv/depthwise/dense: a BN-free Keras model, with a parity check.
 
 For a BN after a linear layer (kernel W, bias b), per output channel c:
-    s_c = gamma_c / sqrt(var_c + eps),   W'[..., c] = W[..., c] * s_c,   b'_c = beta_c + (b_c - mu_c) * s_c
+    s_c = gamma_c / sqrt(var_c + eps),   W'[..., c] = W[..., c] * s_c,
+    b'_c = beta_c + (b_c - mu_c) * s_c
 (depthwise: c runs over C·M output channels). gamma, beta, mu and var are the BN's *effective*
 values: fake-quantized when its quant switch is on. A BN with nothing to fold into becomes a
 per-channel scale and shift (a 1×1 depthwise conv on NHWC, `ChannelAffine` on N×C): never dropped.
@@ -114,7 +115,7 @@ def dequantized_float_model(qmodel: tf_keras.Model, float_model: tf_keras.Model)
     for wrapper in qmodel.layers:
         if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapperV2):
             continue
-        inner, target = wrapper.layer, float_model.get_layer(wrapper.layer.name)
+        target = float_model.get_layer(wrapper.layer.name)
         # tfmot replaces the inner layer's kernel attribute with its quantized tensor, so the
         # wrapper, not the inner layer, tracks the variables: match them by name.
         source = {_short_name(w): w for w in wrapper.weights}

@@ -113,7 +113,7 @@ class QuantBatchNorm(tf_keras.layers.Layer):
 
         if training is None:
             training = tf_keras.backend.learning_phase()
-        if isinstance(training, bool) or isinstance(training, int):
+        if isinstance(training, (bool, int)):
             training = bool(training)
             if not training:
                 y = with_moving_stats()[0]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
-
 from tensorflow_model_optimization.python.core.quantization.keras import utils as tfmot_utils
 from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (
     QuantizeLayer,  # not exported by tfmot's public API, but what its own input transform adds
