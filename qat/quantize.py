@@ -45,11 +45,13 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
     tfmot's MovingAverageQuantizer starts every range at [-6, 6] and averages with decay 0.999,
     so a fine-tune of a few hundred steps keeps most of that arbitrary start. Here the first
     training batch sets the range and `ema_decay` (configurable) smooths from there on.
+    `non_negative` (ReLU outputs) pins the low end at 0 and skips one full pass over the tensor.
     """
 
-    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99):
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, non_negative: bool = False):
         self.num_bits = int(num_bits)
         self.ema_decay = float(ema_decay)
+        self.non_negative = bool(non_negative)
 
     def build(self, tensor_shape, name, layer):
         constant = tf_keras.initializers.Constant
@@ -64,7 +66,7 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
     def __call__(self, inputs, training, weights, **kwargs):
         lo, hi = weights["min_var"], weights["max_var"]
         if training:
-            batch_lo = tf.minimum(tf.reduce_min(inputs), 0.0)
+            batch_lo = 0.0 if self.non_negative else tf.minimum(tf.reduce_min(inputs), 0.0)
             batch_hi = tf.maximum(tf.reduce_max(inputs), 0.0)
             keep = self.ema_decay * weights["seen"]  # 0 on the first batch: take it as is
             lo = lo.assign(keep * lo + (1.0 - keep) * batch_lo)
@@ -75,7 +77,8 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
                                                             num_bits=self.num_bits)
 
     def get_config(self) -> dict:
-        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay}
+        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay,
+                "non_negative": self.non_negative}
 
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
@@ -153,14 +156,16 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
     """
 
     def __init__(self, kernel_attr: str | None = None, kernel: str | None = None,
-                 weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99):
+                 weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99,
+                 non_negative: bool = False):
         self.kernel_attr = kernel_attr
         self.kernel = kernel
         self.weight_bits = weight_bits
         self.output_bits = output_bits
         self.ema_decay = ema_decay
+        self.non_negative = non_negative
         self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits)
-        self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay)
+        self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay, non_negative)
                                  if output_bits is not None else None)
 
     def get_weights_and_quantizers(self, layer):
@@ -184,7 +189,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
     def get_config(self) -> dict:
         return {"kernel_attr": self.kernel_attr, "kernel": self.kernel,
                 "weight_bits": self.weight_bits, "output_bits": self.output_bits,
-                "ema_decay": self.ema_decay}
+                "ema_decay": self.ema_decay, "non_negative": self.non_negative}
 
 
 def _kernel_quantizer(kind: str | None, bits: int):
@@ -298,7 +303,7 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuanti
         return LayerQuantizeConfig(**common)
     if kind in OUTPUT_QUANTIZED:
         if kind == "ReLU":
-            common["output_bits"] = cfg.activation_bits
+            common.update(output_bits=cfg.activation_bits, non_negative=True)
         return LayerQuantizeConfig(**common)
     if kind in PASS_THROUGH:
         return LayerQuantizeConfig()

@@ -1,0 +1,210 @@
+"""`python -m qat.bench`: train-step benchmarks, measured side by side in one process → JSON.
+
+Every candidate is warmed up (traced, allocated), then timed in interleaved rounds — A B C D,
+A B C D, ... — so slow drift of a shared machine hits all of them alike; each figure is the
+median over rounds of the mean step time within a round (ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras
+
+from qat.config import ModelConfig, QuantConfig
+from qat.layers import QuantBatchNorm, set_switches
+from qat.models import build_model
+from qat.quantize import quantize_model
+
+
+class NaiveBatchNorm(tf_keras.layers.Layer):
+    """BN from elementwise ops (moments + arithmetic): the slow reference qat exists to avoid."""
+
+    def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum, self.epsilon = momentum, epsilon
+
+    def build(self, input_shape):
+        c = int(input_shape[-1])
+        self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
+        self.moving_mean = self.add_weight(name="moving_mean", shape=(c,), initializer="zeros",
+                                           trainable=False)
+        self.moving_variance = self.add_weight(name="moving_variance", shape=(c,),
+                                               initializer="ones", trainable=False)
+
+    def call(self, x, training=None):
+        if training:
+            mean, variance = tf.nn.moments(x, axes=list(range(x.shape.rank - 1)))
+            self.moving_mean.assign(self.momentum * self.moving_mean + (1 - self.momentum) * mean)
+            self.moving_variance.assign(
+                self.momentum * self.moving_variance + (1 - self.momentum) * variance)
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        return (x - mean) * tf.math.rsqrt(variance + self.epsilon) * self.gamma + self.beta
+
+
+def _layer_step(layer: tf_keras.layers.Layer, x: tf.Tensor) -> Callable[[], tf.Tensor]:
+    """A compiled train step of one layer: forward, loss, gradients w.r.t. input and weights."""
+    layer(x, training=True)
+    variables = layer.trainable_variables
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_mean(tf.square(layer(x, training=True)))
+        grads = tape.gradient(loss, [x, *variables])
+        return tf.add_n([tf.reduce_sum(g) for g in grads])
+
+    return step
+
+
+def _model_step(model: tf_keras.Model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
+    """Keras' own compiled train step (what `fit` runs), on one fixed batch."""
+    model.compile(optimizer=tf_keras.optimizers.Adam(1e-3),
+                  loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return lambda: model.train_on_batch(x, y)
+
+
+def _sync(result) -> None:
+    if isinstance(result, tf.Tensor):
+        result.numpy()
+
+
+def time_side_by_side(steps: dict[str, Callable], rounds: int, steps_per_round: int,
+                      warmup: int = 3) -> dict[str, float]:
+    """Median over interleaved rounds of the mean step time (ms) of each candidate."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            _sync(fn())
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                result = fn()
+            _sync(result)
+            samples[name].append((time.perf_counter() - start) * 1e3 / steps_per_round)
+    return {name: float(np.median(values)) for name, values in samples.items()}
+
+
+def bench_bn_layer(shape: tuple[int, ...], rounds: int, steps: int) -> dict[str, float]:
+    x = tf.random.normal(shape)
+    qat_float, qat_quant = QuantBatchNorm(), QuantBatchNorm()
+    qat_quant.build(shape)
+    set_switches(None, quantize=True, layers=[qat_quant])
+    candidates = {
+        "keras_fused": _layer_step(tf_keras.layers.BatchNormalization(fused=True), x),
+        "naive": _layer_step(NaiveBatchNorm(), x),
+        "qat_float": _layer_step(qat_float, x),
+        "qat_quant": _layer_step(qat_quant, x),
+    }
+    return time_side_by_side(candidates, rounds, steps)
+
+
+def _keras_bn_net(cfg: ModelConfig, input_shape, classes) -> tf_keras.Model:
+    keras_bn = lambda name: tf_keras.layers.BatchNormalization(name=name)  # noqa: E731
+    return build_model(cfg, input_shape, classes, bn=keras_bn)
+
+
+def bench_network(model_name: str, image: tuple[int, int, int], batch: int, width: int,
+                  rounds: int, steps: int) -> tuple[dict[str, float], tf_keras.Model]:
+    """Full Keras train steps: qat float phase, qat quant phase, tfmot's default on keras BN."""
+    cfg = ModelConfig(name=model_name, width=width)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (batch, *image)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    float_net = build_model(cfg, image, 10)
+    quant_net = quantize_model(build_model(cfg, image, 10), QuantConfig())
+    tfmot_net = tfmot.quantization.keras.quantize_model(_keras_bn_net(cfg, image, 10))
+    candidates = {
+        "float_phase": _model_step(float_net, x, y),
+        "quant_phase": _model_step(quant_net, x, y),
+        "tfmot_default": _model_step(tfmot_net, x, y),
+    }
+    return time_side_by_side(candidates, rounds, steps), quant_net
+
+
+def bench_tflite(quant_net: tf_keras.Model, cfg: ModelConfig, batch: int,
+                 rounds: int) -> dict[str, float]:
+    """Inference per batch of the exported float and int8 files (the quant net, folded)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from qat.export import export_float_tflite, export_int8_tflite
+    from qat.fold import dequantized_float_model, fold_batchnorms
+
+    image = tuple(quant_net.input_shape[1:])
+    x = np.random.default_rng(1).uniform(0, 1, (batch, *image)).astype(np.float32)
+    quant_net(x, training=True)  # give every range a value
+    folded = fold_batchnorms(dequantized_float_model(quant_net, build_model(cfg, image, 10)))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"float_ms": os.path.join(tmp, "float.tflite"),
+                 "int8_ms": os.path.join(tmp, "int8.tflite")}
+        export_float_tflite(folded, paths["float_ms"])
+        export_int8_tflite(quantize_model(folded, QuantConfig()), paths["int8_ms"], int8_io=True)
+        runners = {}
+        for name, path in paths.items():
+            interpreter = Interpreter(model_path=path)
+            index = interpreter.get_input_details()[0]["index"]
+            interpreter.resize_tensor_input(index, x.shape)
+            interpreter.allocate_tensors()
+            dtype = interpreter.get_input_details()[0]["dtype"]
+            interpreter.set_tensor(index, x if dtype == np.float32 else np.zeros(x.shape, dtype))
+            runners[name] = interpreter.invoke
+        return time_side_by_side(runners, rounds, 5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--bn-shape", default="64,56,56,64", help="BN input N,H,W,C")
+    parser.add_argument("--model", default="convnet")
+    parser.add_argument("--image", default="32,32,3", help="network input H,W,C")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    args = parser.parse_args(argv)
+    bn_shape = tuple(int(v) for v in args.bn_shape.split(","))
+    image = tuple(int(v) for v in args.image.split(","))
+
+    bn = bench_bn_layer(bn_shape, args.rounds, args.steps)
+    network, quant_net = bench_network(args.model, image, args.batch, args.width, args.rounds,
+                                       args.steps)
+    result = {
+        "bn_layer": bn,
+        "network": network,
+        "tflite": bench_tflite(quant_net, ModelConfig(name=args.model, width=args.width),
+                               args.batch, args.rounds),
+        "ratios": {
+            "qat_quant/keras_fused": bn["qat_quant"] / bn["keras_fused"],
+            "qat_float/keras_fused": bn["qat_float"] / bn["keras_fused"],
+            "naive/keras_fused": bn["naive"] / bn["keras_fused"],
+            "quant_phase/float_phase": network["quant_phase"] / network["float_phase"],
+            "quant_phase/tfmot_default": network["quant_phase"] / network["tfmot_default"],
+        },
+        "shapes": {"bn_input": list(bn_shape), "network_input": [args.batch, *image],
+                   "model": args.model, "width": args.width},
+        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
+        "tensorflow": tf.__version__,
+        "method": f"median of {args.rounds} interleaved rounds x {args.steps} steps, "
+                  "after 3 warm-up steps",
+    }
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Config: schema errors at compose time (before TensorFlow), range errors as one line."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qat.config import register_configs, to_settings
+from qat.errors import ConfigError
+from tests.conftest import REPO, run_cli
+
+register_configs()
+
+
+def _compose(*overrides):
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_defaults_compose_and_resolve():
+    settings = to_settings(_compose())
+    assert settings.phase.steps == ("float",)
+    assert settings.data.name == "digits" and settings.model.name == "convnet"
+    assert settings.run.dir == "runs/default"
+    assert settings.quant.bn == "params"
+
+
+def test_groups_select_settings():
+    settings = to_settings(_compose("phase=all", "model=mobilenet", "quant.bn=fold",
+                                    "quant.weight_bits=4", "run.name=exp1"))
+    assert settings.phase.steps == ("float", "quant", "export")
+    assert settings.model.name == "mobilenet"
+    assert (settings.quant.bn, settings.quant.weight_bits) == ("fold", 4)
+    assert settings.run.dir == "runs/exp1"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("quant.weight_bits=1", "quant.weight_bits"),
+    ("quant.activation_bits=17", "quant.activation_bits"),
+    ("trainer.epochs=-1", "trainer.epochs"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("quant.bn=banana", "quant.bn"),
+    ("phase=quant", None),
+])
+def test_range_checks(override, key):
+    if key is None:  # a valid override: must not raise
+        to_settings(_compose(override))
+        return
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_settings(_compose(override))
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.epoch=3", "trainer.epoch"),
+    ("trainer.epochs=two", "trainer.epochs"),
+])
+def test_cli_rejects_typos_and_wrong_types(tmp_path, override, needle):
+    run_dir = tmp_path / "run"
+    proc = run_cli("qat.train", override, f"run.dir={run_dir}", timeout=120)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_cli_out_of_range_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("qat.train", "trainer.batch_size=0", f"run.dir={run_dir}", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "qat: error: trainer.batch_size=0 must be >= 1"
+    assert not run_dir.exists()

@@ -1,0 +1,235 @@
+"""qat's BN layer against NumPy: float mode, quantized mode, freeze, gradients, checkpoints."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from qat.layers import QuantBatchNorm, batchnorm_layers, set_switches
+from tests import reference
+
+EPS = 1e-3
+SHAPES = [(16, 5, 5, 3), (32, 3)]  # NHWC and N×C
+
+
+def _layer(shape, momentum=0.9, **kwargs) -> QuantBatchNorm:
+    layer = QuantBatchNorm(momentum=momentum, epsilon=EPS, **kwargs)
+    layer.build(shape)
+    rng = np.random.default_rng(1)
+    c = shape[-1]
+    layer.gamma.assign(rng.uniform(0.5, 2.0, c) * rng.choice([-1, 1], c))
+    layer.beta.assign(rng.normal(0, 1, c))
+    layer.moving_mean.assign(rng.normal(0, 1, c))
+    layer.moving_variance.assign(rng.uniform(0.2, 3.0, c))
+    return layer
+
+
+def _x(shape, seed=0):
+    return (np.random.default_rng(seed).normal(2.0, 3.0, size=shape)).astype(np.float32)
+
+
+def _params(layer):
+    return [v.numpy().astype(np.float64) for v in
+            (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)]
+
+
+def _quantized_params(layer, bits=8, target="inv_std"):
+    g, b, m, v = _params(layer)
+    q = lambda t: reference.fake_quant_own_range(t, bits).astype(np.float64)  # noqa: E731
+    v_q = q(v) if target == "variance" else 1.0 / q(1.0 / np.sqrt(v + EPS)) ** 2 - EPS
+    return q(g), q(b), q(m), v_q
+
+
+# -- structure ---------------------------------------------------------------------------
+def test_weights_and_config_round_trip():
+    layer = _layer((4, 3), bn_bits=6, bn_symmetric=False, bn_per_channel=True,
+                   bn_variance="variance")
+    assert [w.name.split("/")[-1].split(":")[0] for w in layer.weights] == [
+        "gamma", "beta", "moving_mean", "moving_variance", "quant_switch", "freeze_switch"]
+    assert len(layer.trainable_weights) == 2
+    clone = QuantBatchNorm.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+# -- float mode ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float_training_output_uses_batch_statistics(shape):
+    layer, x = _layer(shape), _x(shape)
+    g, b, _, _ = _params(layer)
+    mean, var = reference.batch_moments(x)
+    got = layer(x, training=True).numpy()
+    np.testing.assert_allclose(got, reference.batchnorm(x, g, b, mean, var, EPS), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float_inference_output_uses_moving_statistics(shape):
+    layer, x = _layer(shape), _x(shape)
+    g, b, m, v = _params(layer)
+    np.testing.assert_allclose(layer(x, training=False).numpy(),
+                               reference.batchnorm(x, g, b, m, v, EPS), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_moving_statistics_after_n_steps(shape):
+    layer = _layer(shape, momentum=0.8)
+    _, _, m, v = _params(layer)
+    n = np.prod(shape[:-1])
+    for step in range(5):
+        x = _x(shape, seed=step)
+        layer(x, training=True)
+        mean, var = reference.batch_moments(x)
+        m = reference.moving_update(m, mean, 0.8)
+        v = reference.moving_update(v, var * n / (n - 1), 0.8)  # the kernel's unbiased variance
+    np.testing.assert_allclose(layer.moving_mean.numpy(), m, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), v, rtol=1e-5, atol=1e-5)
+
+
+def test_moving_statistics_update_in_a_custom_tf_function_loop():
+    layer = _layer((8, 4, 4, 2), momentum=0.5)
+    before = layer.moving_mean.numpy().copy()
+    step = tf.function(lambda x: layer(x, training=True))
+    for i in range(3):
+        step(tf.constant(_x((8, 4, 4, 2), seed=i)))
+    assert not np.allclose(layer.moving_mean.numpy(), before)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradients_match_finite_differences(shape, training):
+    layer = _layer(shape, momentum=1.0 - 1e-7)  # keep the moving stats still while probing
+    small = tuple(min(d, 4) for d in shape)
+    x = tf.constant(_x(small))
+    upstream = tf.constant(np.random.default_rng(5).normal(size=small).astype(np.float32))
+
+    def loss():
+        return tf.reduce_sum(layer(x, training=training) * upstream)
+
+    # d loss / d x: TensorFlow's own checker.
+    theoretical, numerical = tf.test.compute_gradient(
+        lambda x_: layer(x_, training=training), [x], delta=1e-2)
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-2, rtol=2e-2)
+    # d loss / d gamma, d beta: central differences on each channel.
+    with tf.GradientTape() as tape:
+        value = loss()
+    grads = tape.gradient(value, [layer.gamma, layer.beta])
+    for var, grad in zip([layer.gamma, layer.beta], grads, strict=False):
+        for c in range(shape[-1]):
+            base = var.numpy()
+            bump = np.zeros_like(base)
+            bump[c] = 1e-2
+            var.assign(base + bump)
+            up = float(loss())
+            var.assign(base - bump)
+            down = float(loss())
+            var.assign(base)
+            assert grad.numpy()[c] == pytest.approx((up - down) / 2e-2, rel=1e-2, abs=1e-2)
+
+
+def test_single_example_inference_uses_moving_statistics():
+    """A batch of one in inference mode must not normalize with its own statistics."""
+    model = tf_keras.Sequential([tf_keras.Input((6,)), QuantBatchNorm(momentum=0.5)])
+    model.compile("sgd", "mse")
+    data = np.random.default_rng(0).normal(5.0, 2.0, size=(256, 6)).astype(np.float32)
+    model.fit(data, data, epochs=3, batch_size=32, verbose=0)
+    one = data[:1]
+    bn = model.layers[0]
+    g, b, m, v = _params(bn)
+    out = model(one, training=False).numpy()
+    np.testing.assert_allclose(out, reference.batchnorm(one, g, b, m, v, EPS), atol=1e-4)
+    assert np.abs(out).max() > 1e-2  # its own statistics would give exactly beta
+
+
+def test_checkpoint_restores_moving_statistics_exactly(tmp_path):
+    shape = (8, 4, 4, 3)
+    layer = _layer(shape)
+    for i in range(3):
+        layer(_x(shape, seed=i), training=True)
+    layer.quant_switch.assign(1)
+    path = tf.train.Checkpoint(bn=layer).save(str(tmp_path / "ckpt"))
+    restored = QuantBatchNorm(momentum=0.9, epsilon=EPS)
+    restored.build(shape)
+    tf.train.Checkpoint(bn=restored).read(path).assert_existing_objects_matched()
+    for a, b in zip(layer.weights, restored.weights, strict=False):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# -- quantized mode ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("target", ["inv_std", "variance"])
+def test_quant_inference_matches_reference(shape, target):
+    layer, x = _layer(shape, bn_bits=4, bn_variance=target), _x(shape)
+    layer.quant_switch.assign(1)
+    g, b, m, v = _quantized_params(layer, bits=4, target=target)
+    np.testing.assert_allclose(layer(x, training=False).numpy(),
+                               reference.batchnorm(x, g, b, m, v, EPS), atol=2e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quant_training_uses_quantized_gamma_beta_and_batch_statistics(shape):
+    layer, x = _layer(shape, bn_bits=4), _x(shape)
+    layer.quant_switch.assign(1)
+    g, b, _, _ = _quantized_params(layer, bits=4)
+    mean, var = reference.batch_moments(x)
+    np.testing.assert_allclose(layer(x, training=True).numpy(),
+                               reference.batchnorm(x, g, b, mean, var, EPS), atol=2e-4)
+
+
+def test_straight_through_gradients_reach_gamma_and_beta():
+    shape = (8, 4, 4, 3)
+    layer, x = _layer(shape, bn_bits=4), tf.constant(_x(shape))
+    layer.quant_switch.assign(1)
+    upstream = tf.constant(np.random.default_rng(3).normal(size=shape).astype(np.float32))
+    with tf.GradientTape() as tape:
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(y * upstream)
+    d_gamma, d_beta = tape.gradient(loss, [layer.gamma, layer.beta])
+    # STE: d/dgamma of gamma_q * x_hat is x_hat, exactly as in float BN.
+    mean, var = reference.batch_moments(x.numpy())
+    x_hat = (x.numpy() - mean) / np.sqrt(var + EPS)
+    np.testing.assert_allclose(d_gamma.numpy(), (upstream.numpy() * x_hat).reshape(-1, 3).sum(0),
+                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(d_beta.numpy(), upstream.numpy().reshape(-1, 3).sum(0), rtol=1e-4)
+
+
+def test_switch_changes_outputs_without_retracing():
+    shape = (8, 4, 4, 3)
+    layer, x = _layer(shape, bn_bits=3), tf.constant(_x(shape))
+    traces = []
+
+    @tf.function
+    def infer(x_):
+        traces.append(1)
+        return layer(x_, training=False)
+
+    off = infer(x).numpy()
+    set_switches(None, quantize=True, layers=[layer])
+    on = infer(x).numpy()
+    set_switches(None, quantize=False, layers=[layer])
+    off_again = infer(x).numpy()
+    assert len(traces) == 1
+    assert np.abs(on - off).max() > 1e-3
+    np.testing.assert_array_equal(off, off_again)
+
+
+def test_moving_statistics_update_before_freeze_and_stay_fixed_after():
+    shape = (16, 4, 4, 3)
+    layer = _layer(shape, momentum=0.5)
+    layer.quant_switch.assign(1)
+    step = tf.function(lambda x_: layer(x_, training=True))
+    before = layer.moving_mean.numpy().copy()
+    step(tf.constant(_x(shape, seed=1)))
+    moved = layer.moving_mean.numpy().copy()
+    assert not np.allclose(before, moved)
+    layer.freeze_switch.assign(1)
+    x = _x(shape, seed=2)
+    out = step(tf.constant(x)).numpy()
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), moved)
+    # After the freeze, training normalizes with the quantized moving statistics.
+    g, b, m, v = _quantized_params(layer)
+    np.testing.assert_allclose(out, reference.batchnorm(x, g, b, m, v, EPS), atol=2e-4)
+
+
+def test_batchnorm_layers_finds_layers_inside_models():
+    model = tf_keras.Sequential([tf_keras.Input((4,)), QuantBatchNorm(), tf_keras.layers.Dense(2),
+                                 QuantBatchNorm()])
+    assert len(batchnorm_layers(model)) == 2

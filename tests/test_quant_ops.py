@@ -1,0 +1,35 @@
+"""qat.quant_ops against the NumPy reference of TensorFlow's FakeQuant arithmetic."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from qat.quant_ops import fake_quant, value_range
+from tests import reference
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fake_quant_matches_reference(bits, symmetric, per_channel):
+    x = np.random.default_rng(bits).normal(0.3, 1.5, size=(3, 3, 4, 6)).astype(np.float32)
+    got = fake_quant(tf.constant(x), num_bits=bits, symmetric=symmetric,
+                     per_channel=per_channel, narrow_range=symmetric).numpy()
+    want = reference.fake_quant_own_range(x, bits, symmetric, per_channel)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    levels = np.unique(got if not per_channel else got[..., 0])
+    assert len(levels) <= 2**bits
+
+
+def test_symmetric_range_is_symmetric_and_covers_values():
+    x = tf.constant([-0.5, 0.1, 2.0])
+    lo, hi = value_range(x, symmetric=True, per_channel=False, num_bits=8, narrow_range=True)
+    assert float(lo) == pytest.approx(-2.0) and float(hi) == pytest.approx(2.0)
+
+
+def test_straight_through_gradient():
+    x = tf.constant(np.linspace(-1, 1, 11, dtype=np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reduce_sum(3.0 * fake_quant(x, num_bits=4))
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), 3.0)
