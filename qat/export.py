@@ -30,7 +30,7 @@ from qat.phases import (
     restore_model,
     tb_dir,
 )
-from qat.quantize import quantize_model
+from qat.quantize import folding_pairs, quantize_model
 
 EVAL_BATCH = 256
 
@@ -104,8 +104,13 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 # -- ranges for the int8 graph --------------------------------------------------------------
-def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model) -> None:
-    """Give the folded fake-quant model the activation ranges learned during QAT (by layer name)."""
+def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
+                            aliases: dict[str, str]) -> None:
+    """Give the folded fake-quant model the activation ranges learned during QAT (by layer name).
+
+    `aliases` maps a folded linear layer to its BN: when no ReLU follows, the QAT model quantized
+    that tensor at the BN's output, which after folding is the linear layer's output.
+    """
     def ranges(model):
         found = {}
         for layer in model.layers:
@@ -118,6 +123,8 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model) -> N
 
     src = ranges(source)
     for name, variables in ranges(target).items():
+        if name in aliases and src.get(aliases[name]):
+            name = aliases[name]
         for short, var in variables.items():
             if name not in src or short not in src[name]:
                 raise ExportError(f"no learned range for {name}/{short} in the QAT model: the "
@@ -156,7 +163,8 @@ def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
     fold_diff = parity(unfolded, folded, x, settings.export.fold_tolerance)
 
     qfolded = quantize_model(folded, settings.quant)
-    _copy_activation_ranges(qmodel, qfolded)
+    aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}
+    _copy_activation_ranges(qmodel, qfolded, aliases)
     _set_kernel_ranges(qfolded)
 
     staging = f"{out_dir}.partial"

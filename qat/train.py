@@ -49,6 +49,11 @@ def objective(results: dict) -> float:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
+    for noisy in ("absl", "tensorflow"):  # their INFO lines drown the progress bar
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # StepTimer waits for the device in on_train_batch_end on purpose; Keras calls that slow.
+    logging.getLogger("tensorflow").addFilter(
+        lambda record: "is slow compared to the batch time" not in record.getMessage())
     try:
         settings = to_settings(cfg)
         results = train(settings)
