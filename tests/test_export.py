@@ -66,6 +66,7 @@ def test_export_writes_int8_file_that_agrees_with_qat_model(trained, model, mode
     conv_weights = [d for d in details if "LastValueQuant" in d["name"] and len(d["shape"]) == 4]
     assert conv_weights and all(d["dtype"] == np.int8 for d in conv_weights)
     for d in conv_weights:  # per output channel: one scale per channel
-        assert len(d["quantization_parameters"]["scales"]) == d["shape"][0] > 1
+        params = d["quantization_parameters"]
+        assert len(params["scales"]) == d["shape"][params["quantized_dimension"]] > 1
     float_tensors = [d["name"] for d in details if d["dtype"] == np.float32]
     assert not float_tensors, f"full-int8 file has float tensors: {float_tensors[:5]}"
