@@ -51,10 +51,24 @@ class PhaseConfig:
         return PHASE_STEPS[self.name]
 
 
+def default_run_dir(name: str) -> str:
+    """runs/NAME for a single run; in a Hydra multirun, the job's own sweep subdirectory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return str(hc.runtime.output_dir)
+    except ValueError:  # not inside a Hydra job (tests, python -m qat.export)
+        pass
+    return f"runs/{name}"
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
-    dir: str = "runs/${run.name}"
+    dir: str = "${qat_run_dir:${run.name}}"  # runs/${run.name}; sweep jobs: <sweep dir>/<job>
     overwrite: bool = False  # allow a new run to replace a finished run's files
 
 
@@ -108,6 +122,7 @@ class TrainerConfig:
     learning_rate: float = 3e-3
     save_every_steps: int | None = None  # also checkpoint mid-epoch, bounding lost work
     strategy: str = "default"
+    threads: int = 0  # TensorFlow intra/inter-op threads; 0: TF's default (sweeps: cores / jobs)
     verbose: int = 1  # Keras progress bar: 0 silent, 1 bar, 2 one line per epoch
 
     def __post_init__(self) -> None:
@@ -118,6 +133,7 @@ class TrainerConfig:
         _require(self.learning_rate > 0, f"trainer.learning_rate={self.learning_rate} must be > 0")
         _require(self.save_every_steps is None or self.save_every_steps >= 1,
                  f"trainer.save_every_steps={self.save_every_steps} must be >= 1 or null")
+        _require(self.threads >= 0, f"trainer.threads={self.threads} must be >= 0")
         _require(self.strategy in STRATEGIES,
                  f"trainer.strategy={self.strategy} is unknown: use one of {STRATEGIES}")
 
@@ -183,6 +199,10 @@ def register_configs() -> None:
     for group, schema in [("phase", PhaseConfig), ("data", DataConfig), ("model", ModelConfig),
                           ("trainer", TrainerConfig), ("quant", QuantConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+if not OmegaConf.has_resolver("qat_run_dir"):
+    OmegaConf.register_new_resolver("qat_run_dir", default_run_dir)
 
 
 def to_settings(cfg: DictConfig) -> QATConfig:

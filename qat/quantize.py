@@ -134,7 +134,9 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
         if self.bn is None:
             scale = tf.ones(kernel.shape[-1:])
         else:
-            scale = self.bn.gamma * tf.math.rsqrt(self.bn.moving_variance + self.bn.epsilon)
+            # The BN's effective values: float in fold mode, fake-quantized when its switch is on.
+            gamma, _, _, variance = self.bn.effective_params()
+            scale = gamma * tf.math.rsqrt(variance + self.bn.epsilon)
             floor = tf.where(scale < 0, -FOLD_SCALE_FLOOR, FOLD_SCALE_FLOOR)
             scale = tf.where(tf.abs(scale) < FOLD_SCALE_FLOOR, floor, scale)
         folded = fake_quant(kernel * scale, num_bits=self.num_bits, symmetric=True,
@@ -293,7 +295,9 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuanti
             common["output_bits"] = None  # never quantize between a conv and its BN
         kernel = {"Conv2D": "per_channel", "DepthwiseConv2D": "depthwise",
                   "Dense": "per_tensor"}[kind]
-        if folds and cfg.bn == "fold":
+        # A per-tensor grid does not survive folding (per-channel BN scales break it, tfmot
+        # #438), so a dense kernel followed by BN is quantized folded in either mode.
+        if folds and (cfg.bn == "fold" or kernel == "per_tensor"):
             kernel = {"per_channel": "folded", "depthwise": "folded_depthwise",
                       "per_tensor": "folded_per_tensor"}[kernel]
         return LayerQuantizeConfig(LINEAR_KERNELS[kind], kernel, cfg.weight_bits, **common)
@@ -351,6 +355,8 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
         folded_by_kernel = cfg.bn == "fold" and name in pairs
         wrapper.layer.quant_switch.assign(0 if folded_by_kernel else 1)
         wrapper.layer.freeze_switch.assign(0)
-        if folded_by_kernel:
-            wrappers[pairs[name]].quantize_config.kernel_quantizer.bind(wrapper.layer)
+        if name in pairs:
+            quantizer = wrappers[pairs[name]].quantize_config.kernel_quantizer
+            if isinstance(quantizer, FoldedKernelQuantizer):
+                quantizer.bind(wrapper.layer)
     return qmodel

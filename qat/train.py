@@ -1,30 +1,42 @@
-"""Entry point: `python -m qat.train phase=float|quant|all [overrides]`.
+"""Entry point: `python -m qat.train phase=float|quant|all [overrides]` (and `-m` sweeps).
 
 Thin by design: compose the config (Hydra validates it against the schema before anything else
 runs), resolve it, then run the phase steps in order. qat's typed errors are caught here, once,
-and printed as one line with a non-zero exit.
+and printed as one line with a non-zero exit; in a sweep the failed job is recorded and the
+sweep goes on (Hydra then exits 1 at the end).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qat.config import QATConfig, register_configs, to_settings
 from qat.errors import QatError
+from qat.plugins import check_plugins
 
 log = logging.getLogger("qat")
 register_configs()
 
 
-def train(settings: QATConfig) -> dict:
-    """Run the configured phase steps; returns {step: metrics}."""
-    from qat import phases  # TensorFlow is imported only once the config is known to be good
+def train(settings: QATConfig, threads: int = 0) -> dict:
+    """Run the configured phase steps in a fresh Keras session; returns {step: metrics}."""
+    import tensorflow as tf  # imported only once the config is known to be good
+    import tf_keras
+
+    from qat import phases
     from qat.data import load_arrays
 
+    tf_keras.backend.clear_session()  # a sweep runs every job in this one process
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
     arrays = load_arrays(settings.data)
     results: dict = {}
     for step in settings.phase.steps:
@@ -47,23 +59,78 @@ def objective(results: dict) -> float:
     return float(last.get("val_accuracy", float("nan")))
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-def main(cfg: DictConfig) -> float:
+def _sweep_context() -> tuple[str | None, int, int]:
+    """(sweep dir or None, job number, TensorFlow threads per job) from Hydra's runtime config."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None, 0, 0
+    if hc.mode != RunMode.MULTIRUN:
+        return None, 0, 0
+    cores = os.cpu_count() or 1
+    jobs = hc.launcher.get("n_jobs") or 1  # the basic launcher runs one job at a time
+    if jobs < 1:  # joblib's -1: as many jobs as cores
+        jobs = cores
+    return str(hc.sweep.dir), int(hc.job.num), max(1, cores // jobs)
+
+
+def _quiet_logs() -> None:
     for noisy in ("absl", "tensorflow"):  # their INFO lines drown the progress bar
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # StepTimer waits for the device in on_train_batch_end on purpose; Keras calls that slow.
     logging.getLogger("tensorflow").addFilter(
         lambda record: "is slow compared to the batch time" not in record.getMessage())
+    # Export predicts with several freshly built models; each traces once, by design.
+    logging.getLogger("tensorflow").addFilter(
+        lambda record: "triggered tf.function retracing" not in record.getMessage())
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> float:
+    _quiet_logs()
     try:
         settings = to_settings(cfg)
-        results = train(settings)
     except QatError as exc:
         print(f"qat: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    sweep_dir, job, threads = _sweep_context()
+    if sweep_dir is not None and settings.trainer.threads:
+        threads = settings.trainer.threads
+    results: dict = {}
+    try:
+        results = train(settings, threads or settings.trainer.threads)
+    except QatError as exc:
+        print(f"qat: error: {exc}", file=sys.stderr)
+        _record(settings, results, failed=True, sweep_dir=sweep_dir, job=job)
+        if sweep_dir is None:
+            sys.exit(2)
+        raise
+    _record(settings, results, failed=False, sweep_dir=sweep_dir, job=job)
     for step, metrics in results.items():
         log.info("%s: %s", step, metrics)
     return objective(results)
 
 
-if __name__ == "__main__":
+def _record(settings: QATConfig, results: dict, *, failed: bool, sweep_dir: str | None,
+            job: int) -> None:
+    """HParams for this run (also when it failed, if its run dir exists) and the sweep root."""
+    from qat import hparams
+
+    if sweep_dir is not None and job == 0:
+        hparams.write_sweep_config(sweep_dir, settings)
+    if os.path.isdir(settings.run.dir):
+        hparams.log_run(settings, results, failed)
+
+
+def cli() -> None:
+    """Check optional plugins first (clear message, exit 2), then hand over to Hydra."""
+    try:
+        check_plugins(sys.argv[1:])
+    except QatError as exc:
+        print(f"qat: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

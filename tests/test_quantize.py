@@ -97,6 +97,25 @@ def test_folded_kernels_lie_on_the_simulated_int8_grid(mode):
     np.testing.assert_allclose(ints, np.round(ints), atol=2e-3)
 
 
+def test_dense_before_bn_is_quantized_folded_on_a_per_tensor_grid():
+    """Dense kernels are per tensor (TFLite); that grid only survives if the folded kernel is
+    what gets quantized, so in `params` mode too the dense quantizer sees W·γq/σq."""
+    model = build_model(ModelConfig(width=4), (8, 8, 1), 10)
+    qmodel = quantize_model(model, QuantConfig(bn="params", weight_bits=4))
+    wrappers = _wrappers(qmodel)
+    assert wrappers["fc_dense"].quantize_config.kernel_quantizer.bn is wrappers["fc_bn"].layer
+    assert int(wrappers["fc_bn"].layer.quant_switch.numpy()) == 1
+    bn = wrappers["fc_bn"].layer
+    rng = np.random.default_rng(3)
+    bn.gamma.assign(rng.uniform(0.2, 3.0, bn.gamma.shape))
+    _train_step(qmodel)
+    folded = fold_batchnorms(dequantized_float_model(qmodel, build_model(ModelConfig(width=4),
+                                                                         (8, 8, 1), 10)))
+    kernel = folded.get_layer("fc_dense").kernel.numpy()
+    ints = kernel / (np.abs(kernel).max() / 7.0)  # 4-bit narrow symmetric: -7..7
+    np.testing.assert_allclose(ints, np.round(ints), atol=2e-3)
+
+
 def test_fold_mode_binds_kernel_quantizers_and_keeps_bn_params_float():
     model = build_model(ModelConfig(width=4), (8, 8, 1), 10)
     qmodel = quantize_model(model, QuantConfig(bn="fold"))
