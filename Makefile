@@ -35,3 +35,14 @@ tensorboard: $(STAMP) ## open TensorBoard on runs/
 
 clean: ## remove generated runs and caches (keeps .venv)
 	rm -rf runs outputs multirun bench.json .pytest_cache
+
+EXPERIMENT_MODELS := convnet resnet mobilenet
+experiments: $(STAMP) ## float/PTQ/QAT (params, fold) x w8/w4 for every model -> experiments/RESULTS.md
+	for m in $(EXPERIMENT_MODELS); do \
+	  $(PY) -m qat.train +experiment=$$m phase=float trainer.verbose=0 run.overwrite=true && \
+	  $(PY) -m qat.train -m +experiment=$$m phase=quant quant.bn=params,fold \
+	    quant.weight_bits=8,4 quant.init_from=runs/exp_$$m/float trainer.verbose=0 \
+	    run.overwrite=true hydra.sweep.dir=runs/exp_$$m/sweep || exit 1; \
+	done
+	$(PY) -m qat.report $(addprefix runs/exp_,$(EXPERIMENT_MODELS)) \
+	  --out experiments/RESULTS.md --plot experiments/results.png

@@ -62,10 +62,8 @@ class StopOnNonFinite(tf_keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.bad_step: int | None = None
-        self._step = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
             self.bad_step = int(self.model.optimizer.iterations.numpy())
@@ -73,26 +71,21 @@ class StopOnNonFinite(tf_keras.callbacks.Callback):
 
 
 class CheckpointEvery(tf_keras.callbacks.Callback):
-    """Writes the phase checkpoint at each epoch end and, optionally, every N train steps."""
+    """Writes the phase's checkpoint (model, optimizer, epoch) at the end of every healthy epoch.
+
+    TensorFlow writes checkpoint shards to a temporary name and updates the `checkpoint` state
+    file atomically, so a kill during a save leaves the previous checkpoint as the latest.
+    """
 
     def __init__(self, manager: tf.train.CheckpointManager, epoch_var: tf.Variable,
-                 every_steps: int | None = None, guard: StopOnNonFinite | None = None):
+                 guard: StopOnNonFinite | None = None):
         super().__init__()
         self.manager = manager
         self.epoch_var = epoch_var
-        self.every_steps = every_steps
         self.guard = guard
 
-    def _healthy(self) -> bool:
-        return self.guard is None or self.guard.bad_step is None
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if self.every_steps and step % self.every_steps == 0 and self._healthy():
-            self.manager.save(checkpoint_number=step)
-
     def on_epoch_end(self, epoch, logs=None):
-        if self._healthy():
+        if self.guard is None or self.guard.bad_step is None:
             self.epoch_var.assign(epoch + 1)
             self.manager.save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
 

@@ -8,6 +8,7 @@ quant: rebuild the same model, restore the float checkpoint, wrap it with tfmot'
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import tf_keras
 from qat import callbacks as qcb
 from qat.config import QATConfig, settings_to_dict
 from qat.data import Arrays, load_arrays, make_dataset
+from qat.distribute import is_chief, write_dir
 from qat.errors import CheckpointError, RunDirError, TrainingError
 from qat.layers import batchnorm_layers, set_switches
 from qat.models import build_model
@@ -27,6 +29,9 @@ CHECKPOINT_PREFIX = "ckpt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_KEPT = 3
+BACKUP_DIR = "backup"  # BackupAndRestore's state for resuming an interrupted phase
+
+log = logging.getLogger("qat")
 
 
 @dataclass
@@ -63,7 +68,11 @@ def restore_model(model: tf_keras.Model, directory: str, what: str) -> str:
     try:
         status = tf.train.Checkpoint(model=model).read(path)
         status.assert_existing_objects_matched().expect_partial()
-    except (ValueError, AssertionError, tf.errors.OpError) as exc:
+    except tf.errors.OpError as exc:
+        raise CheckpointError(f"{what} checkpoint {path} is corrupt or truncated "
+                              f"({type(exc).__name__}): rerun the {what} phase with "
+                              "run.overwrite=true") from exc
+    except (ValueError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise CheckpointError(f"{what} checkpoint {path} does not fit this model ({first}): use "
                               "the model/data config it was trained with") from exc
@@ -76,15 +85,14 @@ def build_quant_model(settings: QATConfig, float_model: tf_keras.Model) -> tf_ke
 
 
 # -- training -------------------------------------------------------------------------------
-def _check_not_finished(directory: str, overwrite: bool, tb: str) -> None:
-    """A finished phase is never overwritten unless run.overwrite=true (then it is replaced)."""
-    if not os.path.exists(os.path.join(directory, METRICS_FILE)):
-        return
-    if not overwrite:
+def _prepare_phase_dir(directory: str, tb: str, overwrite: bool) -> None:
+    """A finished phase is never overwritten unless run.overwrite=true, which starts it over."""
+    if overwrite:
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(tb, ignore_errors=True)
+    elif os.path.exists(os.path.join(directory, METRICS_FILE)):
         raise RunDirError(f"{directory} holds a finished phase: pick another run.name or pass "
                           "run.overwrite=true to replace it")
-    shutil.rmtree(directory)
-    shutil.rmtree(tb, ignore_errors=True)
 
 
 def _ensure_writable(directory: str) -> None:
@@ -103,43 +111,48 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
          learning_rate: float, extra_callbacks: list | None = None) -> dict:
     """Compile and `fit` with qat's callbacks; resume from this phase's checkpoint if present."""
     trainer = settings.trainer
+    chief = is_chief()
     directory, tb = phase_dir(settings, phase), tb_dir(settings, phase)
-    _check_not_finished(directory, settings.run.overwrite, tb)
-    _ensure_writable(directory)
+    backup = os.path.join(directory, BACKUP_DIR)
+    if chief:
+        _prepare_phase_dir(directory, tb, settings.run.overwrite)
+        _ensure_writable(directory)
+        _check_resumable(directory, backup, settings)
+        if os.path.isdir(backup):
+            log.info("%s phase: resuming the interrupted run from %s", phase, backup)
+        _write_json(os.path.join(directory, CONFIG_FILE), settings_to_dict(settings))
 
     model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate),
                   loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
-    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=CHECKPOINTS_KEPT,
+    manager = tf.train.CheckpointManager(checkpoint, write_dir(directory),
+                                         max_to_keep=CHECKPOINTS_KEPT,
                                          checkpoint_name=CHECKPOINT_PREFIX)
-    if manager.latest_checkpoint:  # an interrupted run of this phase: continue it
-        model.optimizer.build(model.trainable_variables)
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
-        json.dump(settings_to_dict(settings), fh, indent=2)
 
     train = make_dataset(arrays.x_train, arrays.y_train, trainer.batch_size, shuffle=True,
                          seed=trainer.seed)
     val = make_dataset(arrays.x_val, arrays.y_val, trainer.batch_size, shuffle=False, seed=0)
-    timer = qcb.StepTimer(os.path.join(tb, "train"), trainer.batch_size)
+    timer = qcb.StepTimer(write_dir(os.path.join(tb, "train")), trainer.batch_size)
     guard = qcb.StopOnNonFinite()
     callbacks = [
+        # Restores model, optimizer, epoch and batch (mid-epoch too) at fit start; deleted once
+        # the phase finishes. Its own directory: it must not share one with other checkpoints.
+        tf_keras.callbacks.BackupAndRestore(backup, save_freq=trainer.save_every_steps or "epoch"),
         guard,
         timer,
         tf_keras.callbacks.TensorBoard(log_dir=tb, update_freq="epoch", profile_batch=0),
-        qcb.CheckpointEvery(manager, epoch_var, trainer.save_every_steps, guard),
+        qcb.CheckpointEvery(manager, epoch_var, guard),
         *(extra_callbacks or []),
     ]
-    initial_epoch = int(epoch_var.numpy())
-    if initial_epoch < epochs:
-        model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
-                  steps_per_epoch=trainer.steps_per_epoch, callbacks=callbacks,
-                  verbose=trainer.verbose)
+    model.fit(train, validation_data=val, epochs=epochs, steps_per_epoch=trainer.steps_per_epoch,
+              callbacks=callbacks, verbose=trainer.verbose)
     if guard.bad_step is not None:
-        raise TrainingError(f"{phase} phase: loss became NaN/Inf at step {guard.bad_step}; the "
-                            f"last good checkpoint is kept in {directory}: lower the learning rate")
+        kept = (f"the last good checkpoint is {manager.latest_checkpoint}"
+                if manager.latest_checkpoint else "no checkpoint had been written yet")
+        raise TrainingError(f"{phase} phase: loss became NaN/Inf at step {guard.bad_step}; "
+                            f"{kept}: lower the learning rate")
     val_loss, val_accuracy = model.evaluate(val, verbose=0)
     step_ms = timer.median_ms
     metrics = {
@@ -150,9 +163,35 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
         "epochs": epochs,
         "steps": int(model.optimizer.iterations.numpy()),
     }
-    with open(os.path.join(directory, METRICS_FILE), "w") as fh:
-        json.dump(metrics, fh, indent=2)
+    if chief:
+        _write_json(os.path.join(directory, METRICS_FILE), metrics)
     return metrics
+
+
+def _write_json(path: str, payload: dict) -> None:
+    """Write-then-rename, so a kill never leaves a half-written file behind."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _check_resumable(directory: str, backup: str, settings: QATConfig) -> None:
+    """An interrupted phase resumes only under the config that started it."""
+    stored_path = os.path.join(directory, CONFIG_FILE)
+    if not (os.path.isdir(backup) and os.path.isfile(stored_path)):
+        return
+    with open(stored_path) as fh:
+        stored = json.load(fh)
+    current = settings_to_dict(settings)
+    changed = sorted(f"{section}.{key}" for section in current if isinstance(current[section], dict)
+                     for key in current[section]
+                     if stored.get(section, {}).get(key) != current[section][key]
+                     and section not in ("run",) and key != "verbose")
+    if changed:
+        raise RunDirError(f"{directory} holds an interrupted run started with other settings "
+                          f"({', '.join(changed[:4])}): rerun the same command to resume, or "
+                          "pass run.overwrite=true to start over")
 
 
 def run_float(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:

@@ -55,12 +55,15 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
 
     def build(self, tensor_shape, name, layer):
         constant = tf_keras.initializers.Constant
+        # Under tf.distribute each replica sees its own batch: ranges are averaged across them.
+        mean = tf.VariableAggregation.MEAN
         return {
             "min_var": layer.add_weight(f"{name}_min", initializer=constant(-INITIAL_RANGE),
-                                        trainable=False),
+                                        trainable=False, aggregation=mean),
             "max_var": layer.add_weight(f"{name}_max", initializer=constant(INITIAL_RANGE),
-                                        trainable=False),
-            "seen": layer.add_weight(f"{name}_seen", initializer="zeros", trainable=False),
+                                        trainable=False, aggregation=mean),
+            "seen": layer.add_weight(f"{name}_seen", initializer="zeros", trainable=False,
+                                     aggregation=mean),
         }
 
     def __call__(self, inputs, training, weights, **kwargs):

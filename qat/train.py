@@ -32,22 +32,25 @@ def train(settings: QATConfig, threads: int = 0) -> dict:
 
     from qat import phases
     from qat.data import load_arrays
+    from qat.distribute import is_chief, make_strategy
 
     tf_keras.backend.clear_session()  # a sweep runs every job in this one process
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
+    strategy = make_strategy(settings.trainer.strategy)  # before any other op
     arrays = load_arrays(settings.data)
     results: dict = {}
     for step in settings.phase.steps:
-        if step == "float":
-            results["float"] = phases.run_float(settings, arrays).metrics
-        elif step == "quant":
-            results["quant"] = phases.run_quant(settings, arrays).metrics
-        elif step == "export":
-            from qat.export import export_run
+        if step == "export":  # one process, no collectives: outside the strategy
+            if is_chief(strategy):
+                from qat.export import export_run
 
-            results["export"] = export_run(settings, arrays)
+                results["export"] = export_run(settings, arrays)
+            continue
+        run_phase = phases.run_float if step == "float" else phases.run_quant
+        with strategy.scope():
+            results[step] = run_phase(settings, arrays).metrics
     return results
 
 
@@ -115,7 +118,10 @@ def _record(settings: QATConfig, results: dict, *, failed: bool, sweep_dir: str 
             job: int) -> None:
     """HParams for this run (also when it failed, if its run dir exists) and the sweep root."""
     from qat import hparams
+    from qat.distribute import is_chief_process
 
+    if not is_chief_process():
+        return
     if sweep_dir is not None and job == 0:
         hparams.write_sweep_config(sweep_dir, settings)
     if os.path.isdir(settings.run.dir):

@@ -1,0 +1,75 @@
+"""TensorFlow's own distribution engine, chosen by `trainer.strategy`, and who writes files.
+
+`default`: one device. `mirrored`: MirroredStrategy over this machine's GPUs. `multiworker`:
+MultiWorkerMirroredStrategy across processes/hosts described by the `TF_CONFIG` environment
+variable. BN statistics are per replica (each replica normalizes with its own share of the global
+batch, as Keras' BN does); moving statistics are averaged across replicas when read. Synchronized
+BN is not offered: FusedBatchNormV3 computes the batch moments inside the kernel, so a
+cross-replica all-reduce of them would mean giving up the fused kernel qat exists for.
+
+Only the chief writes real checkpoints, TensorBoard events, metrics and exports; the other
+workers still take part in every collective save, but into throw-away directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import tensorflow as tf
+
+from qat.errors import ConfigError
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """Create the strategy first, before any other TensorFlow op (a MWMS requirement)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ConfigError("trainer.strategy=multiworker needs the TF_CONFIG environment "
+                              "variable describing the cluster and this worker's task")
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"TF_CONFIG is not valid JSON ({exc.msg}): fix the variable") from exc
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"trainer.strategy={name} is unknown: use default, mirrored or multiworker")
+
+
+def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """True on the one process that writes files: the chief, or worker 0 of a chief-less cluster."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def is_chief_process() -> bool:
+    """`is_chief` for code outside any strategy: reads the cluster role from TF_CONFIG, the
+    variable TensorFlow's multi-worker strategies are configured by."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError:
+        return True
+    task = config.get("task") or {}
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return (task.get("type") == "worker" and int(task.get("index", 0)) == 0
+            and "chief" not in config.get("cluster", {}))
+
+
+def write_dir(path: str, strategy: tf.distribute.Strategy | None = None) -> str:
+    """`path` on the chief; a private temporary directory on every other worker."""
+    if is_chief(strategy):
+        return path
+    return tempfile.mkdtemp(prefix="qat-worker-")

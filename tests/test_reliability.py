@@ -1,0 +1,158 @@
+"""Reliability: every bad input fails with one clear line and leaves the run dir untouched;
+a phase killed mid-epoch resumes from its backup and ends with the expected step count."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data=synthetic", "data.image_size=8", "data.train_examples=128", "data.val_examples=64",
+        "model.width=4", "trainer.epochs=1", "trainer.batch_size=32", "quant.epochs=1",
+        "trainer.verbose=0"]
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("reliability") / "float_run"
+    proc = run_cli("qat.train", "phase=float", f"run.dir={run}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")} if root.exists() else {}
+
+
+def _npz(path, **changes):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+              "y_train": rng.integers(0, 3, 40), "x_test": rng.integers(0, 256, (10, 8, 8),
+                                                                        dtype=np.uint8),
+              "y_test": rng.integers(0, 3, 10)}
+    arrays.update(changes)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return f"data.path={path}"
+
+
+def _corrupt_copy(float_run, dest):
+    import shutil
+
+    shutil.copytree(float_run / "float", dest / "float")
+    for data in (dest / "float").glob("ckpt-*.data-*"):
+        data.write_bytes(data.read_bytes()[:100])
+    return f"quant.init_from={dest / 'float'}"
+
+
+# name, arguments (a callable gets (tmp_path, float_run)), exit code, message
+CASES = [
+    ("unknown key", ["trainer.epoch=3"], 1, "Key 'epoch' not in 'TrainerConfig'"),
+    ("wrong type", ["trainer.epochs=two"], 1, "could not be converted to Integer"),
+    ("bits out of range", ["quant.weight_bits=17"], 2, "quant.weight_bits=17 is out of range"),
+    ("negative epochs", ["trainer.epochs=-1"], 2, "trainer.epochs=-1 must be >= 1"),
+    ("batch size 0", ["trainer.batch_size=0"], 2, "trainer.batch_size=0 must be >= 1"),
+    ("no float checkpoint", ["phase=quant"], 2, "no float checkpoint in"),
+    ("float checkpoint of another model",
+     lambda tmp, fr: ["phase=quant", f"quant.init_from={fr / 'float'}", "model.width=8"], 2,
+     "does not fit this model"),
+    ("truncated checkpoint",
+     lambda tmp, fr: ["phase=quant", _corrupt_copy(fr, tmp / "corrupt")], 2,
+     "is corrupt or truncated"),
+    ("npz missing file", ["data=npz", "data.path=/nonexistent/data.npz"], 2, "does not exist"),
+    ("npz missing keys", lambda tmp, fr: ["data=npz", _npz(tmp / "a.npz", y_test=None)], 2,
+     "lacks ['y_test']"),
+    ("npz labels out of range",
+     lambda tmp, fr: ["data=npz", _npz(tmp / "b.npz", y_train=-np.ones(40, int))], 2,
+     "out of range"),
+    ("npz inconsistent images",
+     lambda tmp, fr: ["data=npz", _npz(tmp / "c.npz", x_test=np.zeros((10, 6, 6), np.uint8))], 2,
+     "all images must share one"),
+    ("run dir not writable", lambda tmp, fr: [f"run.dir={tmp / 'file.txt' / 'run'}"], 2,
+     "cannot write to"),
+    ("dataset needs the network", ["data=mnist"], 2, "use data=npz"),
+    ("finished run not overwritten", lambda tmp, fr: [f"run.dir={fr}"], 2,
+     "holds a finished phase"),
+]
+
+
+@pytest.mark.parametrize("name, args, code, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_fails_with_one_line_and_changes_nothing(tmp_path, float_run, name, args, code,
+                                                           message):
+    (tmp_path / "file.txt").write_text("a file, not a directory")
+    args = args(tmp_path, float_run) if callable(args) else args
+    run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("run.dir=")), None)
+    if run_dir is None:
+        run_dir = str(tmp_path / "run")
+        args = [*args, f"run.dir={run_dir}"]
+    watched = [tmp_path, float_run]
+    before = [_snapshot(root) for root in watched]
+    env = {"HOME": str(tmp_path), "KERAS_HOME": str(tmp_path / "keras"),
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = run_cli("qat.train", *[a for a in TINY if a.split("=")[0] not in
+                                  {x.split("=")[0] for x in args}], *args, extra_env=env)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert message in proc.stderr
+    if code == 2:  # qat's own errors: exactly one line
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("qat: error: ")
+    assert [_snapshot(root) for root in watched] == before
+
+
+def test_nan_loss_stops_and_names_the_step(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("qat.train", *TINY, "trainer.epochs=3", "trainer.learning_rate=1e30",
+                   f"run.dir={run}")
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "loss became NaN/Inf at step" in line and "lower the learning rate" in line
+    assert not (run / "float" / "metrics.json").exists()
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_killed_phase_resumes_and_ends_with_the_expected_steps(tmp_path):
+    run = tmp_path / "run"
+    args = ["qat.train", "phase=all", f"run.dir={run}", *TINY, "trainer.epochs=4",
+            "trainer.steps_per_epoch=4", "trainer.save_every_steps=2", "trainer.batch_size=16",
+            "trainer.verbose=2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    float_dir = run / "float"
+    # Kill once the second epoch is under way: its first epoch checkpoint exists.
+    started = _wait_for(lambda: list(float_dir.glob("ckpt-4.index")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert started, "the float phase never reached its first epoch checkpoint"
+    assert not (float_dir / "metrics.json").exists()
+    assert (float_dir / "backup").is_dir()
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    assert "resuming the interrupted run" in output
+    assert "Epoch 1/4" not in output  # continued, not restarted
+    metrics = json.loads((float_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 16 and metrics["epochs"] == 4
+    assert not (float_dir / "backup").exists()
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert 0.0 <= report["tflite_int8_accuracy"] <= 1.0 and report["int8_bytes"] > 0
