@@ -68,14 +68,14 @@ def restore_model(model: tf_keras.Model, directory: str, what: str) -> str:
     try:
         status = tf.train.Checkpoint(model=model).read(path)
         status.assert_existing_objects_matched().expect_partial()
-    except tf.errors.OpError as exc:
-        raise CheckpointError(f"{what} checkpoint {path} is corrupt or truncated "
-                              f"({type(exc).__name__}): rerun the {what} phase with "
-                              "run.overwrite=true") from exc
     except (ValueError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise CheckpointError(f"{what} checkpoint {path} does not fit this model ({first}): use "
                               "the model/data config it was trained with") from exc
+    except Exception as exc:  # DataLossError, short reads (IndexError), ...: unreadable files
+        raise CheckpointError(f"{what} checkpoint {path} is corrupt or truncated "
+                              f"({type(exc).__name__}): rerun the {what} phase with "
+                              "run.overwrite=true") from exc
     return path
 
 
@@ -131,8 +131,9 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
                                          max_to_keep=CHECKPOINTS_KEPT,
                                          checkpoint_name=CHECKPOINT_PREFIX)
 
+    # With a steps_per_epoch cap Keras keeps one iterator across epochs: it must not run dry.
     train = make_dataset(arrays.x_train, arrays.y_train, trainer.batch_size, shuffle=True,
-                         seed=trainer.seed)
+                         seed=trainer.seed, repeat=trainer.steps_per_epoch is not None)
     val = make_dataset(arrays.x_val, arrays.y_val, trainer.batch_size, shuffle=False, seed=0)
     timer = qcb.StepTimer(write_dir(os.path.join(tb, "train")), trainer.batch_size)
     guard = qcb.StopOnNonFinite()
@@ -153,6 +154,8 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
                 if manager.latest_checkpoint else "no checkpoint had been written yet")
         raise TrainingError(f"{phase} phase: loss became NaN/Inf at step {guard.bad_step}; "
                             f"{kept}: lower the learning rate")
+    if chief:  # BackupAndRestore removes its checkpoint, not its folder
+        shutil.rmtree(backup, ignore_errors=True)
     val_loss, val_accuracy = model.evaluate(val, verbose=0)
     step_ms = timer.median_ms
     metrics = {

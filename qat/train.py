@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qat.config import QATConfig, register_configs, to_settings
-from qat.errors import QatError
+from qat.errors import ExportError, QatError, TrainingError
 from qat.plugins import check_plugins
 
 log = logging.getLogger("qat")
@@ -104,7 +104,8 @@ def main(cfg: DictConfig) -> float:
         results = train(settings, threads or settings.trainer.threads)
     except QatError as exc:
         print(f"qat: error: {exc}", file=sys.stderr)
-        _record(settings, results, failed=True, sweep_dir=sweep_dir, job=job)
+        if isinstance(exc, TrainingError | ExportError):  # the run happened: show it in HParams
+            _record(settings, results, failed=True, sweep_dir=sweep_dir, job=job)
         if sweep_dir is None:
             sys.exit(2)
         raise
