@@ -123,6 +123,7 @@ class TrainerConfig:
     save_every_steps: int | None = None  # also checkpoint mid-epoch, bounding lost work
     strategy: str = "default"
     threads: int = 0  # TensorFlow intra/inter-op threads; 0: TF's default (sweeps: cores / jobs)
+    cpu_replicas: int = 1  # >1: that many logical CPUs, mirrored over when there is no GPU
     verbose: int = 1  # Keras progress bar: 0 silent, 1 bar, 2 one line per epoch
 
     def __post_init__(self) -> None:
@@ -134,6 +135,7 @@ class TrainerConfig:
         _require(self.save_every_steps is None or self.save_every_steps >= 1,
                  f"trainer.save_every_steps={self.save_every_steps} must be >= 1 or null")
         _require(self.threads >= 0, f"trainer.threads={self.threads} must be >= 0")
+        _require(self.cpu_replicas >= 1, f"trainer.cpu_replicas={self.cpu_replicas} must be >= 1")
         _require(self.strategy in STRATEGIES,
                  f"trainer.strategy={self.strategy} is unknown: use one of {STRATEGIES}")
 

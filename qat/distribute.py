@@ -22,11 +22,22 @@ import tensorflow as tf
 from qat.errors import ConfigError
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """Create the strategy first, before any other TensorFlow op (a MWMS requirement)."""
+def make_strategy(name: str, cpu_replicas: int = 1) -> tf.distribute.Strategy:
+    """Create the strategy first, before any other TensorFlow op (a MWMS requirement).
+
+    `cpu_replicas` > 1 splits the CPU into that many logical devices, and a machine without GPUs
+    then mirrors over them: several replicas on one machine, to test or debug distributed runs.
+    """
+    if cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
+        if not tf.config.list_physical_devices("GPU") and cpu_replicas > 1:
+            return tf.distribute.MirroredStrategy(
+                [f"/cpu:{i}" for i in range(cpu_replicas)])
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
         if not os.environ.get("TF_CONFIG"):

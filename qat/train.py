@@ -38,7 +38,7 @@ def train(settings: QATConfig, threads: int = 0) -> dict:
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-    strategy = make_strategy(settings.trainer.strategy)  # before any other op
+    strategy = make_strategy(settings.trainer.strategy, settings.trainer.cpu_replicas)
     arrays = load_arrays(settings.data)
     results: dict = {}
     for step in settings.phase.steps:

@@ -1,5 +1,10 @@
 """tf.distribute: MultiWorkerMirroredStrategy with two local worker processes matches one worker
-on the same global batch; only the chief writes files."""
+on the same global batch; only the chief writes files.
+
+The single worker mirrors over two logical CPUs, so both runs split each global batch into the
+same two per-replica halves: BN normalizes per replica, and a one-replica run differs by exactly
+that (tiny-gradient weights even step the other way under Adam), which is not what is tested.
+"""
 
 import json
 import os
@@ -40,7 +45,8 @@ def _weights(checkpoint_dir):
 @pytest.mark.slow
 def test_two_workers_match_one_worker_on_the_same_global_batch(tmp_path):
     single = tmp_path / "single"
-    proc = run_cli("qat.train", "phase=all", f"run.dir={single}", *ARGS)
+    proc = run_cli("qat.train", "phase=all", f"run.dir={single}", "trainer.strategy=mirrored",
+                   "trainer.cpu_replicas=2", *ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     multi = tmp_path / "multi"
@@ -62,11 +68,13 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(tmp_path):
     for phase in ("float", "quant"):
         ref, got = _weights(single / phase), _weights(multi / phase)
         assert ref.keys() == got.keys()
-        kernels = [k for k in ref if "kernel" in k and "min" not in k and "max" not in k]
-        assert kernels
-        for key in kernels:
+        trained = [k for k in ref if k.endswith(("kernel/.ATTRIBUTES/VARIABLE_VALUE",
+                                                  "gamma/.ATTRIBUTES/VARIABLE_VALUE",
+                                                  "moving_mean/.ATTRIBUTES/VARIABLE_VALUE"))]
+        assert len(trained) >= 10
+        for key in trained:
             scale = np.abs(ref[key]).max()
-            assert np.abs(ref[key] - got[key]).max() <= 0.02 * scale, key
+            assert np.abs(ref[key] - got[key]).max() <= 1e-5 * scale, key
     steps = json.loads((multi / "float" / "metrics.json").read_text())["steps"]
     assert steps == 4
     assert (multi / "export" / "report.json").is_file()
