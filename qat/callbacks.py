@@ -9,6 +9,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from qat.layers import set_switches
+
 
 class StepTimer(tf_keras.callbacks.Callback):
     """Times every train batch; logs per-epoch median `step_time_ms` and `examples_per_sec`.
@@ -101,6 +103,5 @@ class FreezeBatchNormAfter(tf_keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if not self.frozen and int(self.model.optimizer.iterations.numpy()) >= self.after_steps:
-            for layer in self.bn_layers:
-                layer.freeze_switch.assign(1)
+            set_switches(self.model, freeze=True, layers=self.bn_layers)
             self.frozen = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from qat.errors import ConfigError
 
@@ -224,5 +224,3 @@ def settings_to_dict(settings: QATConfig) -> dict:
     """Plain dict of a resolved config, stored beside every checkpoint."""
     return OmegaConf.to_container(OmegaConf.structured(settings), resolve=True)
 
-
-__all__ = ["MISSING", "QATConfig", "register_configs", "to_settings", "settings_to_dict"]

@@ -21,7 +21,7 @@ from qat.config import QATConfig, settings_to_dict
 from qat.data import Arrays, load_arrays, make_dataset
 from qat.distribute import is_chief, write_dir
 from qat.errors import CheckpointError, RunDirError, TrainingError
-from qat.layers import batchnorm_layers, set_switches
+from qat.layers import batchnorm_layers
 from qat.models import build_model
 from qat.quantize import quantize_model
 
@@ -222,6 +222,3 @@ def run_quant(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:
                    learning_rate=settings.quant.learning_rate, extra_callbacks=extra)
     return PhaseResult(metrics, qmodel)
 
-
-__all__ = ["PhaseResult", "run_float", "run_quant", "restore_model", "build_float_model",
-           "build_quant_model", "set_switches"]

@@ -82,6 +82,8 @@ CASES = [
     ("dataset needs the network", ["data=mnist"], 2, "use data=npz"),
     ("finished run not overwritten", lambda tmp, fr: [f"run.dir={fr}"], 2,
      "holds a finished phase"),
+    ("export without a quant checkpoint", lambda tmp, fr: ["EXPORT", f"run.dir={fr}"], 2,
+     "no quant checkpoint in"),
 ]
 
 
@@ -100,8 +102,11 @@ def test_bad_input_fails_with_one_line_and_changes_nothing(tmp_path, float_run, 
     before = [_snapshot(root) for root in watched]
     env = {"HOME": str(tmp_path / "home"), "KERAS_HOME": str(tmp_path / "home" / "keras"),
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    proc = run_cli("qat.train", *[a for a in TINY if a.split("=")[0] not in
-                                  {x.split("=")[0] for x in args}], *args, extra_env=env)
+    if args[0] == "EXPORT":  # the standalone exporter, on a run that has no quant phase
+        proc = run_cli("qat.export", *args[1:], extra_env=env)
+    else:
+        proc = run_cli("qat.train", *[a for a in TINY if a.split("=")[0] not in
+                                      {x.split("=")[0] for x in args}], *args, extra_env=env)
     assert proc.returncode == code, proc.stderr[-2000:]
     assert message in proc.stderr
     if code == 2:  # qat's own errors: one line, last, no traceback (TensorFlow's C++ start-up
