@@ -30,6 +30,10 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_KEPT = 3
 BACKUP_DIR = "backup"  # BackupAndRestore's state for resuming an interrupted phase
+# What an interrupted phase must be resumed with: the settings that shape the training itself
+# (phase=, run.*, export.* and the progress-bar style may differ between the two commands).
+TRAINING_SECTIONS = ("data", "model", "trainer", "quant")
+IGNORED_ON_RESUME = ("verbose",)
 
 log = logging.getLogger("qat")
 
@@ -109,15 +113,15 @@ def _ensure_writable(directory: str) -> None:
 
 def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str, *, epochs: int,
          learning_rate: float, extra_callbacks: list | None = None) -> dict:
-    """Compile and `fit` with qat's callbacks; resume from this phase's checkpoint if present."""
+    """Compile and `fit` with qat's callbacks; an interrupted phase resumes from its backup."""
     trainer = settings.trainer
     chief = is_chief()
     directory, tb = phase_dir(settings, phase), tb_dir(settings, phase)
     backup = os.path.join(directory, BACKUP_DIR)
     if chief:
         _prepare_phase_dir(directory, tb, settings.run.overwrite)
-        _ensure_writable(directory)
         _check_resumable(directory, backup, settings)
+        _ensure_writable(directory)
         if os.path.isdir(backup):
             log.info("%s phase: resuming the interrupted run from %s", phase, backup)
         _write_json(os.path.join(directory, CONFIG_FILE), settings_to_dict(settings))
@@ -187,10 +191,11 @@ def _check_resumable(directory: str, backup: str, settings: QATConfig) -> None:
     with open(stored_path) as fh:
         stored = json.load(fh)
     current = settings_to_dict(settings)
-    changed = sorted(f"{section}.{key}" for section in current if isinstance(current[section], dict)
-                     for key in current[section]
-                     if stored.get(section, {}).get(key) != current[section][key]
-                     and section not in ("run",) and key != "verbose")
+    changed = []
+    for section in TRAINING_SECTIONS:
+        for key, value in current[section].items():
+            if key not in IGNORED_ON_RESUME and stored.get(section, {}).get(key) != value:
+                changed.append(f"{section}.{key}")
     if changed:
         raise RunDirError(f"{directory} holds an interrupted run started with other settings "
                           f"({', '.join(changed[:4])}): rerun the same command to resume, or "

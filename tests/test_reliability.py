@@ -118,6 +118,22 @@ def test_bad_input_fails_with_one_line_and_changes_nothing(tmp_path, float_run, 
     assert [_snapshot(root) for root in watched] == before
 
 
+def test_interrupted_run_resumes_only_with_its_own_settings(tmp_path, float_run):
+    """A backup left by a killed run is not resumed under different training settings."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(float_run / "float", run / "float")
+    (run / "float" / "metrics.json").unlink()  # as if killed before the end
+    (run / "float" / "backup").mkdir()
+    before = _snapshot(run)
+    proc = run_cli("qat.train", *TINY, "trainer.learning_rate=0.1", f"run.dir={run}")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "interrupted run started with other settings (trainer.learning_rate)" in last
+    assert _snapshot(run) == before
+
+
 def test_nan_loss_stops_and_names_the_step(tmp_path):
     run = tmp_path / "run"
     proc = run_cli("qat.train", *TINY, "trainer.epochs=3", "trainer.learning_rate=1e30",
