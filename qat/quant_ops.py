@@ -39,3 +39,40 @@ def fake_quant(x: tf.Tensor, *, num_bits: int, symmetric: bool = True, per_chann
             x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
     return tf.quantization.fake_quant_with_min_max_vars(
         x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+
+
+def nudged_range(lo: tf.Tensor, hi: tf.Tensor, num_bits: int,
+                 narrow_range: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """The range FakeQuant really uses: [lo, hi] shifted so that zero is a grid point."""
+    qmin, qmax = (1.0 if narrow_range else 0.0), 2.0**num_bits - 1.0
+    scale = (hi - lo) / (qmax - qmin)
+    zero = tf.clip_by_value(tf.round(qmin - lo / scale), qmin, qmax)
+    return (qmin - zero) * scale, (qmax - zero) * scale
+
+
+def fake_quant_activation(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
+                          num_bits: int) -> tf.Tensor:
+    """TensorFlow's FakeQuantWithMinMaxVars with a leaner straight-through gradient.
+
+    Forward is the op itself. Backward passes the gradient where x lies inside the nudged range,
+    as TF's gradient does, but skips the backprops TF also computes for min and max (two more
+    passes over the tensor): activation ranges are EMA statistics, never trained. On a width-32
+    convnet this is ~5% of a quant-phase train step (measured, 2-core CPU).
+    """
+    lo, hi = tf.convert_to_tensor(lo), tf.convert_to_tensor(hi)
+
+    @tf.custom_gradient
+    def quantize(x, lo, hi):
+        y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=num_bits)
+
+        def grad(dy):
+            nlo, nhi = nudged_range(lo, hi, num_bits)
+            # Relu6Grad passes dy where 0 < f < 6: map the range, widened a hair so both ends
+            # (the ReLU zero, the batch maximum) count as inside, onto (0, 6). One fused op.
+            pad = (nhi - nlo) * 1e-6
+            features = (x - (nlo - pad)) * (6.0 / (nhi - nlo + 2.0 * pad))
+            return tf.raw_ops.Relu6Grad(gradients=dy, features=features), None, None
+
+        return y, grad
+
+    return quantize(x, lo, hi)

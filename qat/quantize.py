@@ -26,7 +26,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 from qat.config import QuantConfig
 from qat.errors import ConfigError
 from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
-from qat.quant_ops import fake_quant
+from qat.quant_ops import fake_quant, fake_quant_activation
 
 tfq = tfmot.quantization.keras
 LINEAR_KERNELS = {"Conv2D": "kernel", "DepthwiseConv2D": "depthwise_kernel", "Dense": "kernel"}
@@ -76,6 +76,7 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
             hi = hi.assign(keep * hi + (1.0 - keep) * batch_hi)
             with tf.control_dependencies([lo, hi]):
                 weights["seen"].assign(1.0)
+            return fake_quant_activation(inputs, lo, hi, self.num_bits)
         return tf.quantization.fake_quant_with_min_max_vars(inputs, lo, hi,
                                                             num_bits=self.num_bits)
 

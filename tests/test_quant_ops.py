@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from qat.quant_ops import fake_quant, value_range
+from qat.quant_ops import fake_quant, fake_quant_activation, nudged_range, value_range
 from tests import reference
 
 
@@ -33,3 +33,25 @@ def test_straight_through_gradient():
         tape.watch(x)
         y = tf.reduce_sum(3.0 * fake_quant(x, num_bits=4))
     np.testing.assert_allclose(tape.gradient(y, x).numpy(), 3.0)
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 3.0), (-1.3, 2.2), (-0.7, 0.0)])
+def test_activation_fake_quant_matches_tensorflow_forward_and_input_gradient(lo, hi):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(lo - 1.0, hi + 1.0, size=(4, 5, 5, 3)).astype(np.float32)
+    nlo, nhi = (float(v) for v in nudged_range(tf.constant(lo), tf.constant(hi), 8))
+    x.flat[:4] = [nlo, nhi, 0.0, (nlo + nhi) / 2]  # the range ends and zero exactly
+    x = tf.constant(x)
+    upstream = tf.constant(rng.normal(size=x.shape).astype(np.float32))
+    results = []
+    for fn in (fake_quant_activation, lambda v, a, b, num_bits:
+               tf.quantization.fake_quant_with_min_max_vars(v, a, b, num_bits=num_bits)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x, tf.constant(lo), tf.constant(hi), num_bits=8)
+            loss = tf.reduce_sum(y * upstream)
+        results.append((y.numpy(), tape.gradient(loss, x).numpy()))
+    (ours_y, ours_g), (tf_y, tf_g) = results
+    np.testing.assert_array_equal(ours_y, tf_y)
+    np.testing.assert_array_equal(ours_g, tf_g)
+    assert 0 < np.count_nonzero(ours_g) < ours_g.size  # inside passes, outside is cut
