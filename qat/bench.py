@@ -2,7 +2,8 @@
 
 Every candidate is warmed up (traced, allocated), then timed in interleaved rounds — A B C D,
 A B C D, ... — so slow drift of a shared machine hits all of them alike; each figure is the
-median over rounds of the mean step time within a round (ms).
+median over rounds of the mean step time within a round (ms), each ratio the median of the
+ratios taken within a round.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def _sync(result) -> None:
         result.numpy()
 
 
-def time_side_by_side(steps: dict[str, Callable], rounds: int, steps_per_round: int,
-                      warmup: int = 3) -> dict[str, float]:
-    """Median over interleaved rounds of the mean step time (ms) of each candidate."""
+def time_rounds(steps: dict[str, Callable], rounds: int, steps_per_round: int,
+                warmup: int = 3) -> dict[str, list[float]]:
+    """Mean step time (ms) of each candidate in each of `rounds` interleaved rounds."""
     for fn in steps.values():
         for _ in range(warmup):
             _sync(fn())
@@ -95,10 +96,19 @@ def time_side_by_side(steps: dict[str, Callable], rounds: int, steps_per_round: 
                 result = fn()
             _sync(result)
             samples[name].append((time.perf_counter() - start) * 1e3 / steps_per_round)
+    return samples
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
     return {name: float(np.median(values)) for name, values in samples.items()}
 
 
-def bench_bn_layer(shape: tuple[int, ...], rounds: int, steps: int) -> dict[str, float]:
+def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a/b measured in the same round: drift of a shared machine cancels."""
+    return float(np.median(np.asarray(samples[a]) / np.asarray(samples[b])))
+
+
+def bench_bn_layer(shape: tuple[int, ...], rounds: int, steps: int) -> dict[str, list[float]]:
     x = tf.random.normal(shape)
     qat_float, qat_quant = QuantBatchNorm(), QuantBatchNorm()
     qat_quant.build(shape)
@@ -109,7 +119,7 @@ def bench_bn_layer(shape: tuple[int, ...], rounds: int, steps: int) -> dict[str,
         "qat_float": _layer_step(qat_float, x),
         "qat_quant": _layer_step(qat_quant, x),
     }
-    return time_side_by_side(candidates, rounds, steps)
+    return time_rounds(candidates, rounds, steps)
 
 
 def _keras_bn_net(cfg: ModelConfig, input_shape, classes) -> tf_keras.Model:
@@ -118,7 +128,7 @@ def _keras_bn_net(cfg: ModelConfig, input_shape, classes) -> tf_keras.Model:
 
 
 def bench_network(model_name: str, image: tuple[int, int, int], batch: int, width: int,
-                  rounds: int, steps: int) -> tuple[dict[str, float], tf_keras.Model]:
+                  rounds: int, steps: int) -> tuple[dict[str, list[float]], tf_keras.Model]:
     """Full Keras train steps: qat float phase, qat quant phase, tfmot's default on keras BN."""
     cfg = ModelConfig(name=model_name, width=width)
     rng = np.random.default_rng(0)
@@ -132,7 +142,7 @@ def bench_network(model_name: str, image: tuple[int, int, int], batch: int, widt
         "quant_phase": _model_step(quant_net, x, y),
         "tfmot_default": _model_step(tfmot_net, x, y),
     }
-    return time_side_by_side(candidates, rounds, steps), quant_net
+    return time_rounds(candidates, rounds, steps), quant_net
 
 
 def bench_tflite(quant_net: tf_keras.Model, cfg: ModelConfig, batch: int,
@@ -161,7 +171,7 @@ def bench_tflite(quant_net: tf_keras.Model, cfg: ModelConfig, batch: int,
             dtype = interpreter.get_input_details()[0]["dtype"]
             interpreter.set_tensor(index, x if dtype == np.float32 else np.zeros(x.shape, dtype))
             runners[name] = interpreter.invoke
-        return time_side_by_side(runners, rounds, 5)
+        return medians(time_rounds(runners, rounds, 5))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,23 +192,23 @@ def main(argv: list[str] | None = None) -> int:
     network, quant_net = bench_network(args.model, image, args.batch, args.width, args.rounds,
                                        args.steps)
     result = {
-        "bn_layer": bn,
-        "network": network,
+        "bn_layer": medians(bn),
+        "network": medians(network),
         "tflite": bench_tflite(quant_net, ModelConfig(name=args.model, width=args.width),
                                args.batch, args.rounds),
-        "ratios": {
-            "qat_quant/keras_fused": bn["qat_quant"] / bn["keras_fused"],
-            "qat_float/keras_fused": bn["qat_float"] / bn["keras_fused"],
-            "naive/keras_fused": bn["naive"] / bn["keras_fused"],
-            "quant_phase/float_phase": network["quant_phase"] / network["float_phase"],
-            "quant_phase/tfmot_default": network["quant_phase"] / network["tfmot_default"],
+        "ratios": {  # paired per round, then the median
+            "qat_quant/keras_fused": paired_ratio(bn, "qat_quant", "keras_fused"),
+            "qat_float/keras_fused": paired_ratio(bn, "qat_float", "keras_fused"),
+            "naive/keras_fused": paired_ratio(bn, "naive", "keras_fused"),
+            "quant_phase/float_phase": paired_ratio(network, "quant_phase", "float_phase"),
+            "quant_phase/tfmot_default": paired_ratio(network, "quant_phase", "tfmot_default"),
         },
         "shapes": {"bn_input": list(bn_shape), "network_input": [args.batch, *image],
                    "model": args.model, "width": args.width},
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
         "tensorflow": tf.__version__,
-        "method": f"median of {args.rounds} interleaved rounds x {args.steps} steps, "
-                  "after 3 warm-up steps",
+        "method": f"median of {args.rounds} interleaved rounds x {args.steps} steps after 3 "
+                  "warm-up steps; ratios: median of the per-round ratios",
     }
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
