@@ -12,9 +12,8 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras
 
+from qat.config import BN_VARIANCE_TARGETS
 from qat.quant_ops import fake_quant
-
-VARIANCE_TARGETS = ("inv_std", "variance")
 
 
 class QuantBatchNorm(tf_keras.layers.Layer):
@@ -35,8 +34,8 @@ class QuantBatchNorm(tf_keras.layers.Layer):
                  bn_symmetric: bool = True, bn_per_channel: bool = False,
                  bn_variance: str = "inv_std", **kwargs):
         super().__init__(**kwargs)
-        if bn_variance not in VARIANCE_TARGETS:
-            raise ValueError(f"bn_variance={bn_variance!r}: use one of {VARIANCE_TARGETS}")
+        if bn_variance not in BN_VARIANCE_TARGETS:
+            raise ValueError(f"bn_variance={bn_variance!r}: use one of {BN_VARIANCE_TARGETS}")
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.bn_bits = int(bn_bits)
