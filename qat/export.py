@@ -41,26 +41,26 @@ def export_float_tflite(model: tf_keras.Model, path: str) -> int:
     return _write(path, converter.convert())
 
 
-def export_int8_tflite(qmodel: tf_keras.Model, path: str, int8_io: bool) -> int:
-    """Full-integer file from a fake-quant model: ranges come from its FakeQuant ops."""
-    converter = tf.lite.TFLiteConverter.from_keras_model(qmodel)
+def _int8_converter(model: tf_keras.Model, int8_io: bool) -> tf.lite.TFLiteConverter:
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if int8_io:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    return _write(path, converter.convert())
+    return converter
+
+
+def export_int8_tflite(qmodel: tf_keras.Model, path: str, int8_io: bool) -> int:
+    """Full-integer file from a fake-quant model: ranges come from its FakeQuant ops."""
+    return _write(path, _int8_converter(qmodel, int8_io).convert())
 
 
 def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
                       int8_io: bool) -> int:
     """Post-training quantization of a float model, calibrated on `calibration` images."""
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter = _int8_converter(model, int8_io)
     converter.representative_dataset = lambda: ([x[None]] for x in calibration)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if int8_io:
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
     return _write(path, converter.convert())
 
 

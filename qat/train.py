@@ -96,12 +96,10 @@ def main(cfg: DictConfig) -> float:
     except QatError as exc:
         print(f"qat: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    sweep_dir, job, threads = _sweep_context()
-    if sweep_dir is not None and settings.trainer.threads:
-        threads = settings.trainer.threads
+    sweep_dir, job, sweep_threads = _sweep_context()
     results: dict = {}
     try:
-        results = train(settings, threads or settings.trainer.threads)
+        results = train(settings, settings.trainer.threads or sweep_threads)
     except QatError as exc:
         print(f"qat: error: {exc}", file=sys.stderr)
         if isinstance(exc, TrainingError | ExportError):  # the run happened: show it in HParams
