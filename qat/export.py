@@ -30,7 +30,7 @@ from qat.phases import (
     restore_model,
     tb_dir,
 )
-from qat.quantize import folding_pairs, quantize_model
+from qat.quantize import depthwise_output_channels, folding_pairs, quantize_model
 
 EVAL_BATCH = 256
 
@@ -140,7 +140,7 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
         for weight, _, qvars in wrapper._weight_vars:
             kernel = weight.numpy()
             if type(wrapper.layer).__name__ == "DepthwiseConv2D":
-                kernel = kernel.reshape(*kernel.shape[:2], 1, -1)
+                kernel = depthwise_output_channels(kernel).numpy()
             bound = np.abs(kernel.reshape(-1, kernel.shape[-1])).max(axis=0)
             if qvars["min_var"].shape.rank == 0:  # per-tensor kernel
                 bound = bound.max()

@@ -38,6 +38,13 @@ INITIAL_RANGE = 6.0
 FOLD_SCALE_FLOOR = 1e-8  # |gamma/sigma| below this would blow up W*s/s; treat as this small
 
 
+def depthwise_output_channels(kernel):
+    """A kh×kw×C×M depthwise kernel as kh×kw×1×(C·M): the last axis is then the output channel,
+    as in TFLite's 1×kh×kw×(C·M) layout. Works on tensors and NumPy arrays alike."""
+    kh, kw, c, m = kernel.shape
+    return tf.reshape(kernel, (kh, kw, 1, c * m))
+
+
 # -- quantizers -------------------------------------------------------------------------------
 class ActivationQuantizer(tfq.quantizers.Quantizer):
     """Asymmetric per-tensor activation fake-quant with EMA ranges, seeded by the first batch.
@@ -104,9 +111,8 @@ class DepthwiseKernelQuantizer(tfq.quantizers.LastValueQuantizer):
         return self._add_range_weights(layer, name, self.per_axis, (channels,))
 
     def __call__(self, inputs, training, weights, **kwargs):
-        kh, kw, c, m = inputs.shape
-        flat = tf.reshape(inputs, (kh, kw, 1, c * m))
-        return tf.reshape(super().__call__(flat, training, weights, **kwargs), (kh, kw, c, m))
+        flat = depthwise_output_channels(inputs)
+        return tf.reshape(super().__call__(flat, training, weights, **kwargs), inputs.shape)
 
 
 class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
@@ -134,7 +140,7 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
         kernel = inputs
         shape = kernel.shape
         if self.depthwise:
-            kernel = tf.reshape(kernel, (*shape[:2], 1, shape[2] * shape[3]))
+            kernel = depthwise_output_channels(kernel)
         if self.bn is None:
             scale = tf.ones(kernel.shape[-1:])
         else:
