@@ -108,6 +108,12 @@ def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
     return float(np.median(np.asarray(samples[a]) / np.asarray(samples[b])))
 
 
+def ratio_spread(samples: dict[str, list[float]], a: str, b: str) -> list[float]:
+    """25th and 75th percentile of the per-round a/b ratios: how far one figure can be trusted."""
+    ratios = np.asarray(samples[a]) / np.asarray(samples[b])
+    return [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))]
+
+
 def bench_bn_layer(shape: tuple[int, ...], rounds: int, steps: int) -> dict[str, list[float]]:
     x = tf.random.normal(shape)
     qat_float, qat_quant = QuantBatchNorm(), QuantBatchNorm()
@@ -184,31 +190,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TensorFlow threads per op (0: its default, all cores); 1 gives "
+                             "repeatable ratios on a shared machine")
     args = parser.parse_args(argv)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     bn_shape = tuple(int(v) for v in args.bn_shape.split(","))
     image = tuple(int(v) for v in args.image.split(","))
 
     bn = bench_bn_layer(bn_shape, args.rounds, args.steps)
     network, quant_net = bench_network(args.model, image, args.batch, args.width, args.rounds,
                                        args.steps)
+    pairs = {  # ratios taken within each round, then summarized over rounds
+        "qat_quant/keras_fused": (bn, "qat_quant", "keras_fused"),
+        "qat_float/keras_fused": (bn, "qat_float", "keras_fused"),
+        "naive/keras_fused": (bn, "naive", "keras_fused"),
+        "quant_phase/float_phase": (network, "quant_phase", "float_phase"),
+        "quant_phase/tfmot_default": (network, "quant_phase", "tfmot_default"),
+    }
     result = {
         "bn_layer": medians(bn),
         "network": medians(network),
         "tflite": bench_tflite(quant_net, ModelConfig(name=args.model, width=args.width),
                                args.batch, args.rounds),
-        "ratios": {  # paired per round, then the median
-            "qat_quant/keras_fused": paired_ratio(bn, "qat_quant", "keras_fused"),
-            "qat_float/keras_fused": paired_ratio(bn, "qat_float", "keras_fused"),
-            "naive/keras_fused": paired_ratio(bn, "naive", "keras_fused"),
-            "quant_phase/float_phase": paired_ratio(network, "quant_phase", "float_phase"),
-            "quant_phase/tfmot_default": paired_ratio(network, "quant_phase", "tfmot_default"),
-        },
+        "ratios": {name: paired_ratio(samples, a, b) for name, (samples, a, b) in pairs.items()},
+        "ratio_spread": {name: ratio_spread(samples, a, b)
+                         for name, (samples, a, b) in pairs.items()},
         "shapes": {"bn_input": list(bn_shape), "network_input": [args.batch, *image],
                    "model": args.model, "width": args.width},
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
+        "threads": args.threads or "tensorflow default",
         "tensorflow": tf.__version__,
         "method": f"median of {args.rounds} interleaved rounds x {args.steps} steps after 3 "
-                  "warm-up steps; ratios: median of the per-round ratios",
+                  "warm-up steps; ratios: median of the per-round ratios, ratio_spread: "
+                  "their 25th-75th percentiles",
     }
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -8,7 +8,8 @@ Placement follows what the int8 file will compute (TFLite fuses conv+BN+ReLU int
     op has mismatched quantized axes");
   * no fake-quant between a conv and the BN folded into it, nor between BN and its ReLU;
   * one activation fake-quant where the int8 graph has a tensor: after ReLU, Add, pooling, the
-    logits, the input, and after a BN that no ReLU follows;
+    logits, the input, and after a BN that no ReLU follows; a plain ReLU is computed by its
+    fake-quant (range pinned at 0), as the int8 op's output range computes it (`FusedReLU`);
   * BN's own gamma, beta, mean and variance: inside qat's BN layer, behind its switch
     (`quant.bn=params`), or folded into the preceding kernel's quantizer (`quant.bn=fold`).
 """
@@ -52,20 +53,22 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
     tfmot's MovingAverageQuantizer starts every range at [-6, 6] and averages with decay 0.999,
     so a fine-tune of a few hundred steps keeps most of that arbitrary start. Here the first
     training batch sets the range and `ema_decay` (configurable) smooths from there on.
-    `non_negative` (ReLU outputs) pins the low end at 0 and skips one full pass over the tensor.
+    `relu` pins the low end at 0, so the quantizer is also the ReLU (see `FusedReLU`), and skips
+    the pass that finds the batch minimum.
     """
 
-    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, non_negative: bool = False):
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, relu: bool = False):
         self.num_bits = int(num_bits)
         self.ema_decay = float(ema_decay)
-        self.non_negative = bool(non_negative)
+        self.relu = bool(relu)
 
     def build(self, tensor_shape, name, layer):
         constant = tf_keras.initializers.Constant
         # Under tf.distribute each replica sees its own batch: ranges are averaged across them.
         mean = tf.VariableAggregation.MEAN
         return {
-            "min_var": layer.add_weight(f"{name}_min", initializer=constant(-INITIAL_RANGE),
+            "min_var": layer.add_weight(f"{name}_min",
+                                        initializer=constant(0.0 if self.relu else -INITIAL_RANGE),
                                         trainable=False, aggregation=mean),
             "max_var": layer.add_weight(f"{name}_max", initializer=constant(INITIAL_RANGE),
                                         trainable=False, aggregation=mean),
@@ -76,20 +79,19 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
     def __call__(self, inputs, training, weights, **kwargs):
         lo, hi = weights["min_var"], weights["max_var"]
         if training:
-            batch_lo = 0.0 if self.non_negative else tf.minimum(tf.reduce_min(inputs), 0.0)
+            batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
             batch_hi = tf.maximum(tf.reduce_max(inputs), 0.0)
             keep = self.ema_decay * weights["seen"]  # 0 on the first batch: take it as is
             lo = lo.assign(keep * lo + (1.0 - keep) * batch_lo)
             hi = hi.assign(keep * hi + (1.0 - keep) * batch_hi)
             with tf.control_dependencies([lo, hi]):
                 weights["seen"].assign(1.0)
-            return fake_quant_activation(inputs, lo, hi, self.num_bits)
+            return fake_quant_activation(inputs, lo, hi, self.num_bits, relu=self.relu)
         return tf.quantization.fake_quant_with_min_max_vars(inputs, lo, hi,
                                                             num_bits=self.num_bits)
 
     def get_config(self) -> dict:
-        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay,
-                "non_negative": self.non_negative}
+        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay, "relu": self.relu}
 
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
@@ -158,6 +160,29 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
                 "per_channel": self.per_channel}
 
 
+class FusedReLU(tf_keras.layers.Layer):
+    """A plain ReLU in the quant model, computed by the activation quantizer that wraps it.
+
+    FakeQuant on a range pinned at 0 maps every negative input to 0, and the quantizer's gradient
+    is cut at x <= 0, so ReLU → FakeQuant equals that FakeQuant alone, forward and backward, as
+    TFLite's int8 ReLU is just the output range of the op before it. Dropping the separate ReLU
+    saves a pass over the tensor forward and one backward. Identity on its own: only
+    `quantize_model` creates it, always wrapped with a `relu` ActivationQuantizer.
+    """
+
+    def call(self, inputs):
+        return inputs
+
+
+def _is_plain_relu(layer) -> bool:
+    """max(x, 0) exactly: no leak, threshold or cap, so a range pinned at 0 computes it."""
+    if type(layer).__name__ != "ReLU":
+        return False
+    config = layer.get_config()
+    return not config["negative_slope"] and not config["threshold"] and (
+        config["max_value"] is None)
+
+
 # -- quantize configs -------------------------------------------------------------------------
 class LayerQuantizeConfig(tfq.QuantizeConfig):
     """One config for every layer kind: an optional kernel quantizer, an optional output one.
@@ -169,15 +194,15 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
 
     def __init__(self, kernel_attr: str | None = None, kernel: str | None = None,
                  weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99,
-                 non_negative: bool = False):
+                 relu: bool = False):
         self.kernel_attr = kernel_attr
         self.kernel = kernel
         self.weight_bits = weight_bits
         self.output_bits = output_bits
         self.ema_decay = ema_decay
-        self.non_negative = non_negative
+        self.relu = relu
         self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits)
-        self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay, non_negative)
+        self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay, relu)
                                  if output_bits is not None else None)
 
     def get_weights_and_quantizers(self, layer):
@@ -201,7 +226,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
     def get_config(self) -> dict:
         return {"kernel_attr": self.kernel_attr, "kernel": self.kernel,
                 "weight_bits": self.weight_bits, "output_bits": self.output_bits,
-                "ema_decay": self.ema_decay, "non_negative": self.non_negative}
+                "ema_decay": self.ema_decay, "relu": self.relu}
 
 
 def _kernel_quantizer(kind: str | None, bits: int):
@@ -317,7 +342,8 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuanti
         return LayerQuantizeConfig(**common)
     if kind in OUTPUT_QUANTIZED:
         if kind == "ReLU":
-            common.update(output_bits=cfg.activation_bits, non_negative=True)
+            leaky = bool(layer.get_config()["negative_slope"])
+            common.update(output_bits=cfg.activation_bits, relu=not leaky)
         return LayerQuantizeConfig(**common)
     if kind in PASS_THROUGH:
         return LayerQuantizeConfig()
@@ -331,7 +357,7 @@ def quantize_scope():
         **CUSTOM_OBJECTS, "LayerQuantizeConfig": LayerQuantizeConfig,
         "ActivationQuantizer": ActivationQuantizer,
         "DepthwiseKernelQuantizer": DepthwiseKernelQuantizer,
-        "FoldedKernelQuantizer": FoldedKernelQuantizer,
+        "FoldedKernelQuantizer": FoldedKernelQuantizer, "FusedReLU": FusedReLU,
     })
 
 
@@ -349,7 +375,8 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
         config = layer.get_config()
         if isinstance(layer, QuantBatchNorm):
             config.update(bn_overrides)
-        clone = layer.__class__.from_config(config)
+        clone = FusedReLU(name=layer.name) if _is_plain_relu(layer) else (
+            layer.__class__.from_config(config))
         return tfq.quantize_annotate_layer(clone, _layer_config(layer, pairs, cfg))
 
     with quantize_scope():

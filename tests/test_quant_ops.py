@@ -55,3 +55,27 @@ def test_activation_fake_quant_matches_tensorflow_forward_and_input_gradient(lo,
     np.testing.assert_array_equal(ours_y, tf_y)
     np.testing.assert_array_equal(ours_g, tf_g)
     assert 0 < np.count_nonzero(ours_g) < ours_g.size  # inside passes, outside is cut
+
+
+def test_relu_fake_quant_is_relu_then_fake_quant_forward_and_backward():
+    """With `relu=True` the op replaces ReLU → FakeQuant: same values and input gradient,
+    including at 0, at the range end and for negative inputs."""
+    rng = np.random.default_rng(1)
+    hi = 2.5
+    x = rng.uniform(-2.0, hi + 1.0, size=(4, 6, 6, 3)).astype(np.float32)
+    x.flat[:4] = [0.0, hi, -1e-7, hi / 2]
+    x = tf.constant(x)
+    upstream = tf.constant(rng.normal(size=x.shape).astype(np.float32))
+    fused = lambda v: fake_quant_activation(v, 0.0, hi, num_bits=8, relu=True)  # noqa: E731
+    unfused = lambda v: tf.quantization.fake_quant_with_min_max_vars(  # noqa: E731
+        tf.nn.relu(v), 0.0, hi, num_bits=8)
+    results = []
+    for fn in (fused, unfused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(fn(x) * upstream)
+        results.append((fn(x).numpy(), tape.gradient(loss, x).numpy()))
+    (ours_y, ours_g), (tf_y, tf_g) = results
+    np.testing.assert_array_equal(ours_y, tf_y)
+    np.testing.assert_array_equal(ours_g, tf_g)
+    assert ours_y.min() == 0.0 and 0 < np.count_nonzero(ours_g) < ours_g.size

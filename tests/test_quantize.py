@@ -40,6 +40,36 @@ def test_fake_quant_placement_matches_the_fused_int8_graph():
     assert outputs["res1b_bn"]  # BN feeding an Add has a tensor of its own in the int8 graph
 
 
+def test_plain_relus_are_computed_by_their_fake_quant():
+    """A plain ReLU becomes FusedReLU (identity) under a quantizer pinned at 0; the quant model
+    still computes ReLU → FakeQuant, i.e. no negative activation survives."""
+    model = build_model(ModelConfig(name="resnet", width=4), (8, 8, 1), 10)
+    qmodel = quantize_model(model, QuantConfig())
+    relu = _wrappers(qmodel)["stem_relu"]
+    assert type(relu.layer).__name__ == "FusedReLU"
+    assert relu._output_quantizers[0].relu
+    _train_step(qmodel)
+    assert float(relu._output_quantizer_vars["min_var"].numpy()) == 0.0
+    probe = tf_keras.Model(qmodel.input, relu.output)
+    x = np.random.default_rng(1).normal(0, 1, (8, 8, 8, 1)).astype("float32")
+    for training in (True, False):
+        out = probe(x, training=training).numpy()
+        assert out.min() == 0.0 and out.max() > 0.0
+
+
+def test_leaky_and_capped_relus_keep_their_layer():
+    inputs = tf_keras.Input((4, 4, 2))
+    leaky = tf_keras.layers.ReLU(negative_slope=0.1, name="leaky")(inputs)
+    capped = tf_keras.layers.ReLU(max_value=6.0, name="capped")(leaky)
+    pooled = tf_keras.layers.GlobalAveragePooling2D(name="pool")(capped)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(pooled))
+    wrappers = _wrappers(quantize_model(model, QuantConfig()))
+    assert type(wrappers["leaky"].layer).__name__ == "ReLU"
+    assert not wrappers["leaky"]._output_quantizers[0].relu  # negative outputs keep a range
+    assert type(wrappers["capped"].layer).__name__ == "ReLU"
+    assert wrappers["capped"]._output_quantizers[0].relu
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_weight_bits_and_per_channel_ranges(bits):
     model = build_model(ModelConfig(name="mobilenet", width=4), (8, 8, 1), 10)
