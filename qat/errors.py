@@ -1,5 +1,7 @@
 """Typed errors: raised anywhere in qat, caught once at the entry point, printed as one line."""
 
+import sys
+
 
 class QatError(Exception):
     """Base class: a problem the user can fix; the message names the problem and the fix."""
@@ -27,3 +29,9 @@ class TrainingError(QatError):
 
 class ExportError(QatError):
     """Folding or export failed a check, or has nothing to export."""
+
+
+def report_error(problem: QatError | str) -> int:
+    """Print the one line a failing qat command ends with; returns its exit status, 2."""
+    print(f"qat: error: {problem}", file=sys.stderr)
+    return 2

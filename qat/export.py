@@ -20,7 +20,8 @@ import tf_keras
 
 from qat.config import QATConfig
 from qat.data import Arrays, load_arrays
-from qat.errors import ExportError
+from qat.errors import ExportError, QatError, report_error
+from qat.files import write_atomic
 from qat.fold import dequantized_float_model, fold_batchnorms, parity
 from qat.phases import (
     build_float_model,
@@ -38,7 +39,7 @@ EVAL_BATCH = 256
 # -- conversion -------------------------------------------------------------------------------
 def export_float_tflite(model: tf_keras.Model, path: str) -> int:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    return _write(path, converter.convert())
+    return write_atomic(path, converter.convert())
 
 
 def _int8_converter(model: tf_keras.Model, int8_io: bool) -> tf.lite.TFLiteConverter:
@@ -52,7 +53,7 @@ def _int8_converter(model: tf_keras.Model, int8_io: bool) -> tf.lite.TFLiteConve
 
 def export_int8_tflite(qmodel: tf_keras.Model, path: str, int8_io: bool) -> int:
     """Full-integer file from a fake-quant model: ranges come from its FakeQuant ops."""
-    return _write(path, _int8_converter(qmodel, int8_io).convert())
+    return write_atomic(path, _int8_converter(qmodel, int8_io).convert())
 
 
 def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
@@ -61,15 +62,7 @@ def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
     converter = _int8_converter(model, int8_io)
     converter.representative_dataset = lambda: ([x[None]] for x in calibration)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return _write(path, converter.convert())
-
-
-def _write(path: str, blob: bytes) -> int:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(blob)
-    os.replace(tmp, path)
-    return len(blob)
+    return write_atomic(path, converter.convert())
 
 
 # -- evaluation of written files ----------------------------------------------------------------
@@ -219,14 +212,12 @@ def _log_report(report: dict, log_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m qat.export run.dir=DIR [overrides]`: the run's own config, then overrides."""
     from qat.cli import compose_for_run
-    from qat.errors import QatError
 
     try:
         settings = compose_for_run(argv if argv is not None else sys.argv[1:])
         report = export_run(settings)
     except QatError as exc:
-        print(f"qat: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     print(json.dumps(report, indent=2))
     return 0
 

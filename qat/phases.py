@@ -21,6 +21,7 @@ from qat.config import QATConfig, settings_to_dict
 from qat.data import Arrays, load_arrays, make_dataset
 from qat.distribute import is_chief, write_dir
 from qat.errors import CheckpointError, RunDirError, TrainingError
+from qat.files import write_json
 from qat.layers import batchnorm_layers
 from qat.models import build_model
 from qat.quantize import quantize_model
@@ -124,7 +125,7 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
         _ensure_writable(directory)
         if os.path.isdir(backup):
             log.info("%s phase: resuming the interrupted run from %s", phase, backup)
-        _write_json(os.path.join(directory, CONFIG_FILE), settings_to_dict(settings))
+        write_json(os.path.join(directory, CONFIG_FILE), settings_to_dict(settings))
 
     model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate),
                   loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -171,16 +172,8 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
         "steps": int(model.optimizer.iterations.numpy()),
     }
     if chief:
-        _write_json(os.path.join(directory, METRICS_FILE), metrics)
+        write_json(os.path.join(directory, METRICS_FILE), metrics)
     return metrics
-
-
-def _write_json(path: str, payload: dict) -> None:
-    """Write-then-rename, so a kill never leaves a half-written file behind."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def _check_resumable(directory: str, backup: str, settings: QATConfig) -> None:

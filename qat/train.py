@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qat.config import QATConfig, register_configs, to_settings
-from qat.errors import ExportError, QatError, TrainingError
+from qat.errors import ExportError, QatError, TrainingError, report_error
 from qat.plugins import check_plugins
 
 log = logging.getLogger("qat")
@@ -94,18 +94,17 @@ def main(cfg: DictConfig) -> float:
     try:
         settings = to_settings(cfg)
     except QatError as exc:
-        print(f"qat: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error(exc))
     sweep_dir, job, sweep_threads = _sweep_context()
     results: dict = {}
     try:
         results = train(settings, settings.trainer.threads or sweep_threads)
     except QatError as exc:
-        print(f"qat: error: {exc}", file=sys.stderr)
+        status = report_error(exc)
         if isinstance(exc, TrainingError | ExportError):  # the run happened: show it in HParams
             _record(settings, results, failed=True, sweep_dir=sweep_dir, job=job)
         if sweep_dir is None:
-            sys.exit(2)
+            sys.exit(status)
         raise
     _record(settings, results, failed=False, sweep_dir=sweep_dir, job=job)
     for step, metrics in results.items():
@@ -132,8 +131,7 @@ def cli() -> None:
     try:
         check_plugins(sys.argv[1:])
     except QatError as exc:
-        print(f"qat: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error(exc))
     main()
 
 
