@@ -21,8 +21,9 @@ install: $(STAMP) ## create .venv and install qat with its pinned dependencies
 train: $(STAMP) ## float -> quant -> export on the embedded digits dataset (runs/default)
 	$(PY) -m qat.train phase=all $(ARGS)
 
-test: $(STAMP) ## run the whole test suite (what CI runs)
-	$(PY) -m pytest $(ARGS)
+TEST_WORKERS ?= 2
+test: $(STAMP) ## run the whole test suite (what CI runs), TEST_WORKERS processes by test file
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check qat tests
