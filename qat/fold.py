@@ -17,7 +17,7 @@ import tf_keras
 
 from qat.errors import ExportError
 from qat.layers import ChannelAffine, QuantBatchNorm
-from qat.quantize import LINEAR_KERNELS, folding_pairs
+from qat.quantize import LINEAR_KERNELS, depthwise_output_channels, folding_pairs
 
 
 def bn_scale_shift(bn: QuantBatchNorm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,8 +33,7 @@ def fold_linear(kernel: np.ndarray, bias: np.ndarray | None, kind: str,
     scale, mean, beta = bn_scale_shift(bn)
     k = kernel.astype(np.float64)
     if kind == "DepthwiseConv2D":  # kh×kw×C×M: output channel c·M + m
-        kh, kw, c, m = k.shape
-        k = (k.reshape(kh, kw, c * m) * scale).reshape(kh, kw, c, m)
+        k = (np.asarray(depthwise_output_channels(k)) * scale).reshape(k.shape)
     else:
         k = k * scale
     b = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
