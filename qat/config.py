@@ -23,6 +23,8 @@ PHASE_STEPS = {
 DATASETS = ("digits", "npz", "synthetic", "mnist", "fashion_mnist", "cifar10")
 MODELS = ("convnet", "resnet", "mobilenet")
 BN_MODES = ("params", "fold")
+BN_TARGETS = ("affine", "params")  # what of BN is quantized: the folded pair, or each parameter
+BN_FORMATS = ("channel_exponent", "tensor")  # how: per-value exponent, or one grid per vector
 BN_VARIANCE_TARGETS = ("inv_std", "variance")
 STRATEGIES = ("default", "mirrored", "multiworker")
 MIN_BITS, MAX_BITS = 2, 16  # the range tf.quantization.fake_quant_* accepts
@@ -145,10 +147,15 @@ class QuantConfig:
     weight_bits: int = 8
     activation_bits: int = 8
     bn_bits: int = 8
-    bn: str = "params"  # params: fake-quantize gamma beta mean var; fold: simulate folded conv
-    bn_symmetric: bool = True
-    bn_per_channel: bool = False  # per-channel ranges on per-channel vectors are near-lossless
-    bn_variance: str = "inv_std"  # what is quantized for sigma^2: 1/sqrt(var+eps) or var itself
+    bn: str = "params"  # params: fake-quantize BN's parameters; fold: simulate the folded conv
+    # bn=params: affine quantizes the folded multiplier gamma/sqrt(var+eps) and offset
+    # beta - mean*multiplier (what integer inference stores); params quantizes gamma, beta,
+    # mean and the variance term each (fixed-point BN units that store all four).
+    bn_target: str = "affine"
+    # channel_exponent: every value its own power-of-two exponent (no channel harms another);
+    # tensor: one linear grid per vector, unsigned when the vector is >= 0.
+    bn_format: str = "channel_exponent"
+    bn_variance: str = "inv_std"  # bn_target=params: quantize 1/sqrt(var+eps), or var itself
     freeze_bn_after_steps: int | None = None  # quant-phase steps; null: never freeze
     activation_ema_decay: float = 0.99  # tfmot hard-codes 0.999: too slow for short fine-tunes
     init_from: str | None = None  # float checkpoint dir; null: <run.dir>/float
@@ -160,6 +167,10 @@ class QuantConfig:
         _check_bits("quant.activation_bits", self.activation_bits)
         _check_bits("quant.bn_bits", self.bn_bits)
         _require(self.bn in BN_MODES, f"quant.bn={self.bn} is unknown: use one of {BN_MODES}")
+        _require(self.bn_target in BN_TARGETS,
+                 f"quant.bn_target={self.bn_target} is unknown: use one of {BN_TARGETS}")
+        _require(self.bn_format in BN_FORMATS,
+                 f"quant.bn_format={self.bn_format} is unknown: use one of {BN_FORMATS}")
         _require(self.bn_variance in BN_VARIANCE_TARGETS,
                  f"quant.bn_variance={self.bn_variance} is unknown: use {BN_VARIANCE_TARGETS}")
         _require(self.freeze_bn_after_steps is None or self.freeze_bn_after_steps >= 0,

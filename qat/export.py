@@ -31,7 +31,13 @@ from qat.phases import (
     restore_model,
     tb_dir,
 )
-from qat.quantize import depthwise_output_channels, folding_pairs, quantize_model
+from qat.quantize import (
+    DepthwiseKernelQuantizer,
+    QuantizeLayer,
+    depthwise_output_channels,
+    folding_pairs,
+    quantize_model,
+)
 
 EVAL_BATCH = 256
 
@@ -107,7 +113,7 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
     def ranges(model):
         found = {}
         for layer in model.layers:
-            key = "input" if type(layer).__name__ == "QuantizeLayer" else getattr(
+            key = "input" if isinstance(layer, QuantizeLayer) else getattr(
                 getattr(layer, "layer", None), "name", layer.name)
             kinds = {w.name.split(":")[0].rsplit("_", 1)[-1]: w for w in layer.weights
                      if "kernel" not in w.name}
@@ -130,9 +136,9 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
     for wrapper in qmodel.layers:
         if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapperV2):
             continue
-        for weight, _, qvars in wrapper._weight_vars:
+        for weight, quantizer, qvars in wrapper._weight_vars:
             kernel = weight.numpy()
-            if type(wrapper.layer).__name__ == "DepthwiseConv2D":
+            if isinstance(quantizer, DepthwiseKernelQuantizer):
                 kernel = depthwise_output_channels(kernel).numpy()
             bound = np.abs(kernel.reshape(-1, kernel.shape[-1])).max(axis=0)
             if qvars["min_var"].shape.rank == 0:  # per-tensor kernel

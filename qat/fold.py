@@ -5,7 +5,7 @@ For a BN after a linear layer (kernel W, bias b), per output channel c:
     b'_c = beta_c + (b_c - mu_c) * s_c
 (depthwise: c runs over C·M output channels). gamma, beta, mu and var are the BN's *effective*
 values: fake-quantized when its quant switch is on. A BN with nothing to fold into becomes a
-per-channel scale and shift (a 1×1 depthwise conv on NHWC, `ChannelAffine` on N×C): never dropped.
+per-channel scale and shift, a 1×1 depthwise conv (`ChannelAffine` on N×C): never dropped.
 """
 
 from __future__ import annotations
@@ -93,13 +93,9 @@ def fold_batchnorms(model: tf_keras.Model) -> tf_keras.Model:
             target.set_weights(list(fold_linear(kernel, bias, kind, model.get_layer(
                 folded_into[layer.name]))))
         elif isinstance(layer, QuantBatchNorm):
-            scale, mean, beta = bn_scale_shift(layer)
-            offset = beta - mean * scale
-            if isinstance(target, ChannelAffine):
-                target.set_weights([scale.astype(np.float32), offset.astype(np.float32)])
-            else:
-                target.set_weights([scale.reshape(1, 1, -1, 1).astype(np.float32),
-                                    offset.astype(np.float32)])
+            scale, mean, beta = bn_scale_shift(layer)  # a 1×1 depthwise kernel and its bias
+            target.set_weights([scale.reshape(1, 1, -1, 1).astype(np.float32),
+                                (beta - mean * scale).astype(np.float32)])
         else:
             target.set_weights(layer.get_weights())
     return folded

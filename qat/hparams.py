@@ -34,6 +34,8 @@ def hparams_of(settings: QATConfig) -> dict:
         "activation_bits": q.activation_bits,
         "bn_bits": q.bn_bits,
         "bn": q.bn,
+        "bn_target": q.bn_target,
+        "bn_format": q.bn_format,
         "bn_variance": q.bn_variance,
         "freeze_bn_after_steps": -1 if q.freeze_bn_after_steps is None else
         q.freeze_bn_after_steps,

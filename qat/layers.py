@@ -12,8 +12,13 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras
 
-from qat.config import BN_VARIANCE_TARGETS
-from qat.quant_ops import fake_quant
+from qat.config import BN_FORMATS, BN_TARGETS, BN_VARIANCE_TARGETS
+from qat.quant_ops import fake_quant_vectors
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: use one of {choices}")
 
 
 class QuantBatchNorm(tf_keras.layers.Layer):
@@ -21,26 +26,32 @@ class QuantBatchNorm(tf_keras.layers.Layer):
 
     Weights (the checkpoint keys users see): `gamma`, `beta`, `moving_mean`, `moving_variance`
     (as in Keras' BatchNormalization), plus two int32 scalar switches:
-      * `quant_switch`  — 1: gamma, beta, moving mean and the variance term are fake-quantized
-        (`bn_bits`, symmetric or not, per tensor or per channel) before the kernel sees them.
+      * `quant_switch`  — 1: the BN's parameters are fake-quantized before the kernel sees them.
       * `freeze_switch` — 1: training no longer uses or updates batch statistics; the layer
-        normalizes with the (quantized) moving statistics, as int8 hardware will
+        normalizes with the moving statistics, exactly as the exported file will
         (Jacob et al. 2018, Krishnamoorthi 2018).
-    `bn_variance` chooses what is quantized for sigma^2: `inv_std` = 1/sqrt(sigma^2 + eps), the
-    multiplier integer hardware stores after folding (the default), or `variance` itself.
+    What is quantized (`bn_target`):
+      * `affine` — the pair inference stores after folding: multiplier m = gamma/sqrt(var+eps) and
+        offset o = beta - mean*m (moving statistics). The kernel is fed gamma' = m_q*sqrt(var+eps)
+        and beta' = o_q + m_q*mean, so with moving statistics it computes m_q*x + o_q exactly, and
+        with batch statistics it carries the same rounding; gamma and beta get identity gradients.
+      * `params` — gamma, beta, mean and a variance term each (`bn_variance`: 1/sqrt(var+eps) or
+        var itself), for fixed-point BN units that store them separately.
+    In which number format (`bn_format`, see `qat.quant_ops`): `channel_exponent` or `tensor`.
     """
 
     def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, bn_bits: int = 8,
-                 bn_symmetric: bool = True, bn_per_channel: bool = False,
+                 bn_target: str = "affine", bn_format: str = "channel_exponent",
                  bn_variance: str = "inv_std", **kwargs):
         super().__init__(**kwargs)
-        if bn_variance not in BN_VARIANCE_TARGETS:
-            raise ValueError(f"bn_variance={bn_variance!r}: use one of {BN_VARIANCE_TARGETS}")
+        _check_choice("bn_target", bn_target, BN_TARGETS)
+        _check_choice("bn_format", bn_format, BN_FORMATS)
+        _check_choice("bn_variance", bn_variance, BN_VARIANCE_TARGETS)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.bn_bits = int(bn_bits)
-        self.bn_symmetric = bool(bn_symmetric)
-        self.bn_per_channel = bool(bn_per_channel)
+        self.bn_target = bn_target
+        self.bn_format = bn_format
         self.bn_variance = bn_variance
         self.supports_masking = True
 
@@ -64,44 +75,44 @@ class QuantBatchNorm(tf_keras.layers.Layer):
         super().build(input_shape)
 
     # -- parameters -------------------------------------------------------------------------
-    def _fake_quant_vectors(self, *vectors: tf.Tensor) -> list[tf.Tensor]:
-        """Fake-quantize per-channel vectors, each on its own range, in one FakeQuant op.
+    def _quantize(self, *vectors: tf.Tensor) -> list[tf.Tensor]:
+        return fake_quant_vectors(list(vectors), self.bn_bits, self.bn_format)
 
-        Stacked as C×k columns, a per-channel FakeQuant gives each vector its own range; with
-        `bn_per_channel` every element is its own channel. One op instead of k keeps the
-        quantized mode within a few percent of the float one.
-        """
-        stacked = tf.stack(vectors, axis=-1)
-        if self.bn_per_channel:
-            stacked = tf.reshape(stacked, (1, -1))
-        quantized = fake_quant(stacked, num_bits=self.bn_bits, symmetric=self.bn_symmetric,
-                               per_channel=True, narrow_range=self.bn_symmetric)
-        return tf.unstack(tf.reshape(quantized, (-1, len(vectors))), axis=-1)
-
-    def scale_and_shift(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """(gamma, beta): fake-quantized when the quant switch is on."""
-        float_values = (tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta))
-        return tf.cond(tf.not_equal(self.quant_switch, 0),
-                       lambda: tuple(self._fake_quant_vectors(self.gamma, self.beta)),
-                       lambda: float_values)
+    def _quantized_scale_and_shift(self) -> tuple[tf.Tensor, tf.Tensor]:
+        if self.bn_target == "params":
+            return tuple(self._quantize(self.gamma, self.beta))
+        mean = tf.convert_to_tensor(self.moving_mean)
+        std = tf.sqrt(self.moving_variance + self.epsilon)
+        multiplier = self.gamma / std
+        multiplier_q, offset_q = self._quantize(multiplier, self.beta - mean * multiplier)
+        return multiplier_q * std, offset_q + multiplier_q * mean
 
     def _quantized_moving_stats(self) -> tuple[tf.Tensor, tf.Tensor]:
         if self.bn_variance == "variance":
-            mean, variance = self._fake_quant_vectors(self.moving_mean, self.moving_variance)
+            mean, variance = self._quantize(self.moving_mean, self.moving_variance)
             return mean, tf.maximum(variance, 0.0)
-        mean, inv_std = self._fake_quant_vectors(
-            self.moving_mean, tf.math.rsqrt(self.moving_variance + self.epsilon))
+        mean, inv_std = self._quantize(self.moving_mean,
+                                       tf.math.rsqrt(self.moving_variance + self.epsilon))
         # Feed the kernel the variance whose rsqrt(var + eps) is exactly the quantized inv_std;
         # an inv_std rounded to 0 becomes a huge variance (the channel outputs beta).
         inv_std = tf.maximum(inv_std, 1e-12)
         return mean, 1.0 / tf.square(inv_std) - self.epsilon
 
+    def _switched(self, quantized, float_values: tuple[tf.Tensor, tf.Tensor]):
+        return tf.cond(tf.not_equal(self.quant_switch, 0), quantized, lambda: float_values)
+
+    def scale_and_shift(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """(gamma, beta) as the kernel sees them: carrying the quantization when switched on."""
+        return self._switched(self._quantized_scale_and_shift,
+                              (tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)))
+
     def moving_stats(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """(mean, variance) for inference: fake-quantized when the quant switch is on."""
+        """(mean, variance) for inference: quantized when switched on and `bn_target=params`."""
         float_values = (tf.convert_to_tensor(self.moving_mean),
                         tf.convert_to_tensor(self.moving_variance))
-        return tf.cond(tf.not_equal(self.quant_switch, 0), self._quantized_moving_stats,
-                       lambda: float_values)
+        if self.bn_target == "affine":  # the quantization is all in (gamma, beta)
+            return float_values
+        return self._switched(self._quantized_moving_stats, float_values)
 
     def effective_params(self) -> tuple[tf.Tensor, ...]:
         """(gamma, beta, mean, variance) as inference uses them: quantized when the switch is on."""
@@ -123,10 +134,12 @@ class QuantBatchNorm(tf_keras.layers.Layer):
             return y, tf.identity(self.moving_mean), tf.identity(self.moving_variance)
 
         def with_batch_stats():
-            # The kernel returns the updated moving averages (Bessel-corrected variance) itself.
-            return tf.compat.v1.nn.fused_batch_norm(
-                x, gamma, beta, mean=self.moving_mean, variance=self.moving_variance,
-                epsilon=self.epsilon, is_training=True, exponential_avg_factor=1.0 - self.momentum)
+            if not rank2:  # the kernel updates the moving averages itself, as Keras' fused BN
+                return tf.compat.v1.nn.fused_batch_norm(
+                    x, gamma, beta, mean=self.moving_mean, variance=self.moving_variance,
+                    epsilon=self.epsilon, is_training=True,
+                    exponential_avg_factor=1.0 - self.momentum)
+            return self._rank2_batch_norm(x, gamma, beta)
 
         if training is None:
             training = tf_keras.backend.learning_phase()
@@ -142,28 +155,46 @@ class QuantBatchNorm(tf_keras.layers.Layer):
         self.moving_variance.assign(new_variance)
         return y[:, 0, 0, :] if rank2 else y
 
+    def _rank2_batch_norm(self, x, gamma, beta):
+        """N×C training step with Keras' N×C statistics: the moving variance averages the biased
+        batch variance (Keras' non-fused path), not the kernel's n/(n-1)-corrected one."""
+        y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, mean=self.moving_mean, variance=self.moving_variance,
+            epsilon=self.epsilon, is_training=True, exponential_avg_factor=1.0)
+        n = tf.cast(tf.shape(x)[0], x.dtype)
+        biased = unbiased * (n - 1.0) / tf.maximum(n, 1.0)
+        decay = 1.0 - self.momentum  # Keras: moving -= (moving - batch) * (1 - momentum)
+        return (y, self.moving_mean - (self.moving_mean - mean) * decay,
+                self.moving_variance - (self.moving_variance - biased) * decay)
+
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(momentum=self.momentum, epsilon=self.epsilon, bn_bits=self.bn_bits,
-                      bn_symmetric=self.bn_symmetric, bn_per_channel=self.bn_per_channel,
+                      bn_target=self.bn_target, bn_format=self.bn_format,
                       bn_variance=self.bn_variance)
         return config
 
 
 class ChannelAffine(tf_keras.layers.Layer):
-    """y = x * scale + offset per channel: what a BN with nothing to fold into becomes."""
+    """y = x * scale + offset per channel of N×C inputs: what an N×C BN with nothing to fold
+    into becomes. Computed as a 1×1 depthwise conv on N×1×1×C, so the int8 file holds a
+    per-channel int8 DEPTHWISE_CONV_2D (between two RESHAPEs) instead of a float MUL and ADD;
+    `kernel` is 1×1×C×1, like a depthwise kernel, and gets the depthwise kernel quantizer."""
 
     def build(self, input_shape):
         channels = int(input_shape[-1])
-        self.scale = self.add_weight(name="scale", shape=(channels,), initializer="ones")
-        self.offset = self.add_weight(name="offset", shape=(channels,), initializer="zeros")
+        self.kernel = self.add_weight(name="kernel", shape=(1, 1, channels, 1), initializer="ones")
+        self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
         super().build(input_shape)
 
     def call(self, inputs):
-        return inputs * self.scale + self.offset
+        channels = self.bias.shape[0]
+        y = tf.nn.depthwise_conv2d(tf.reshape(inputs, (-1, 1, 1, channels)), self.kernel,
+                                   (1, 1, 1, 1), "VALID")
+        return tf.reshape(tf.nn.bias_add(y, self.bias), (-1, channels))
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -1,12 +1,23 @@
-"""Pure fake-quantization math for tensors whose range is their own value range.
+"""Pure fake-quantization math: weight-like tensors on their own range, and activations.
 
 BN parameters and folded kernels are weights: their range is known exactly from their current
 values, so no min/max variables are kept (unlike activations, whose range is estimated over
-batches by tfmot-style quantizers). The rounding itself is TensorFlow's FakeQuant op, the op the
-TFLite converter understands, with its straight-through gradient.
+batches by tfmot-style quantizers). Every element of such a tensor lies inside its own range, so
+their straight-through gradient is the identity, range ends included (TF's FakeQuant gradient
+would cut an end that the range nudge moves outside).
+
+Two number formats for per-channel parameter vectors (see `fake_quant_vectors`):
+  * `channel_exponent`: each value its own power-of-two exponent and a `num_bits` signed
+    mantissa — a block floating point format with one-element blocks, the multiplier + shift
+    pair integer requantization stores per output channel. Relative error <= 1/(2^(b-1)-1)
+    (0.79 % at 8 bits) for every value, whatever the other channels hold.
+  * `tensor`: one linear grid per vector — unsigned [0, max] for a non-negative vector, symmetric
+    signed otherwise — as a fixed-point unit with one scale per BN tensor stores it.
 """
 
 from __future__ import annotations
+
+import math
 
 import tensorflow as tf
 
@@ -29,16 +40,64 @@ def value_range(x: tf.Tensor, *, symmetric: bool, per_channel: bool, num_bits: i
     return lo, hi
 
 
+def straight_through(x: tf.Tensor, quantized: tf.Tensor) -> tf.Tensor:
+    """`quantized` forward, identity gradient to every element of `x`."""
+    return x + tf.stop_gradient(quantized - x)
+
+
 def fake_quant(x: tf.Tensor, *, num_bits: int, symmetric: bool = True, per_channel: bool = False,
                narrow_range: bool = True) -> tf.Tensor:
-    """Fake-quantize `x` on a grid spanning its own values; gradient is straight-through."""
+    """Fake-quantize `x` on a grid spanning its own values (TF's FakeQuant rounding)."""
     lo, hi = value_range(tf.stop_gradient(x), symmetric=symmetric, per_channel=per_channel,
                          num_bits=num_bits, narrow_range=narrow_range)
     if per_channel and x.shape.rank >= 1:
-        return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        quantized = tf.quantization.fake_quant_with_min_max_vars_per_channel(
             x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
-    return tf.quantization.fake_quant_with_min_max_vars(
-        x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+    else:
+        quantized = tf.quantization.fake_quant_with_min_max_vars(
+            x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+    return straight_through(x, quantized)
+
+
+def _round_to_steps(x: tf.Tensor, step: tf.Tensor, qmin: tf.Tensor, qmax: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(tf.round(x / step), qmin, qmax) * step
+
+
+def channel_exponent_grid(x: tf.Tensor, num_bits: int) -> tf.Tensor:
+    """Each element rounded to a `num_bits` signed mantissa times its own power of two.
+
+    The exponent is the smallest that keeps |x| / 2^e <= 2^(b-1)-1, so |x| spans more than half
+    the mantissa's levels: relative error <= 1/(2^(b-1)-1) (0.79 % at 8 bits). Zero stays zero.
+    """
+    qmax = 2.0 ** (num_bits - 1) - 1.0
+    magnitude = tf.abs(x)
+    nonzero = magnitude > 0.0
+    exponent = tf.math.ceil(tf.math.log(tf.where(nonzero, magnitude, 1.0) / qmax) / math.log(2.0))
+    step = tf.pow(2.0, exponent)
+    return tf.where(nonzero, _round_to_steps(x, step, -qmax, qmax), 0.0)
+
+
+def tensor_grid(x: tf.Tensor, num_bits: int) -> tf.Tensor:
+    """Each column of a C×k `x` on one linear grid: unsigned if the column is >= 0, else
+    symmetric (2^(b-1)-1 levels each side). A positive quantity keeps its sign bit for range."""
+    unsigned = tf.reduce_min(x, axis=0) >= 0.0
+    qmax = tf.where(unsigned, 2.0**num_bits - 1.0, 2.0 ** (num_bits - 1) - 1.0)
+    qmin = tf.where(unsigned, 0.0, -qmax)
+    step = tf.maximum(tf.reduce_max(tf.abs(x), axis=0) / qmax, 1e-30)
+    return _round_to_steps(x, step, qmin, qmax)
+
+
+PARAMETER_FORMATS = {"channel_exponent": channel_exponent_grid, "tensor": tensor_grid}
+
+
+def fake_quant_vectors(vectors: list[tf.Tensor], num_bits: int, fmt: str) -> list[tf.Tensor]:
+    """Fake-quantize per-channel parameter vectors (C values each) in `fmt`; identity gradient.
+
+    Stacked as C×k columns so every format is one short chain of ops for all k vectors.
+    """
+    stacked = tf.stack(vectors, axis=-1)
+    quantized = straight_through(stacked, PARAMETER_FORMATS[fmt](stacked, num_bits))
+    return tf.unstack(quantized, axis=-1)
 
 
 def nudged_range(lo: tf.Tensor, hi: tf.Tensor, num_bits: int,

@@ -16,6 +16,8 @@ Placement follows what the int8 file will compute (TFLite fuses conv+BN+ReLU int
 
 from __future__ import annotations
 
+import weakref
+
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
@@ -30,9 +32,15 @@ from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
 from qat.quant_ops import fake_quant, fake_quant_activation
 
 tfq = tfmot.quantization.keras
-LINEAR_KERNELS = {"Conv2D": "kernel", "DepthwiseConv2D": "depthwise_kernel", "Dense": "kernel"}
-OUTPUT_QUANTIZED = ("ReLU", "Add", "GlobalAveragePooling2D", "AveragePooling2D", "Concatenate",
-                    "ChannelAffine")
+# Layers with a kernel: (kernel attribute, kernel quantizer kind). ChannelAffine is what an N×C
+# BN with nothing to fold into becomes in exported models: a 1×1 depthwise kernel.
+KERNELS = {"Conv2D": ("kernel", "per_channel"),
+           "DepthwiseConv2D": ("depthwise_kernel", "depthwise"),
+           "Dense": ("kernel", "per_tensor"),
+           "ChannelAffine": ("kernel", "depthwise")}
+LINEAR_KERNELS = {kind: attr for kind, (attr, _) in KERNELS.items() if kind != "ChannelAffine"}
+OUTPUT_QUANTIZED = ("ReLU", "Add", "GlobalAveragePooling2D", "AveragePooling2D", "Concatenate")
+FUSES_ACTIVATION = (*KERNELS, "QuantBatchNorm", "Add")  # TFLite ops with a fused ReLU
 PASS_THROUGH = ("MaxPooling2D", "Flatten", "Reshape", "Dropout")  # int8 in, same int8 out
 # Quantizer range variables start where tfmot starts them; the first batch overwrites them.
 INITIAL_RANGE = 6.0
@@ -122,33 +130,46 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
 
     conv(x, fq(W·s)/s) = conv(x, fq(W·s))/s, so the BN that follows (batch statistics before the
     freeze, moving ones after) sees exactly the folded int8 layer's output, rescaled: PyTorch's
-    ConvBn `_forward_approximate`, with the batch-statistics correction it implies. The BN layer
-    is bound after tfmot builds the model (`bind`); until then the kernel is quantized unscaled.
+    ConvBn `_forward_approximate`, with the batch-statistics correction it implies. The BN is
+    named in the config (`bn_name`) and found among the wrapper's consumers when the model runs,
+    so a saved and reloaded QAT model finds it again; until the graph is wired (Keras' symbolic
+    build) the kernel is quantized unscaled.
     """
 
-    def __init__(self, num_bits: int = 8, depthwise: bool = False, per_channel: bool = True):
+    def __init__(self, num_bits: int = 8, depthwise: bool = False, per_channel: bool = True,
+                 bn_name: str | None = None):
         self.num_bits = int(num_bits)
         self.depthwise = bool(depthwise)
         self.per_channel = bool(per_channel)
-        self.bn: QuantBatchNorm | None = None
-
-    def bind(self, bn: QuantBatchNorm) -> None:
-        self.bn = bn
+        self.bn_name = bn_name
+        self._wrapper = None
 
     def build(self, tensor_shape, name, layer):
+        self._wrapper = weakref.ref(layer)
         return {}
+
+    @property
+    def bn(self) -> QuantBatchNorm | None:
+        """The BN this kernel folds into: the consumer of the wrapped layer named `bn_name`."""
+        wrapper = self._wrapper() if self._wrapper is not None else None
+        for consumer in _consumers(wrapper) if wrapper is not None else []:
+            inner = getattr(consumer, "layer", consumer)
+            if inner.name == self.bn_name and isinstance(inner, QuantBatchNorm):
+                return inner
+        return None
 
     def __call__(self, inputs, training, weights, **kwargs):
         kernel = inputs
         shape = kernel.shape
         if self.depthwise:
             kernel = depthwise_output_channels(kernel)
-        if self.bn is None:
+        bn = self.bn
+        if bn is None:
             scale = tf.ones(kernel.shape[-1:])
         else:
             # The BN's effective values: float in fold mode, fake-quantized when its switch is on.
-            gamma, _, _, variance = self.bn.effective_params()
-            scale = gamma * tf.math.rsqrt(variance + self.bn.epsilon)
+            gamma, _, _, variance = bn.effective_params()
+            scale = gamma * tf.math.rsqrt(variance + bn.epsilon)
             floor = tf.where(scale < 0, -FOLD_SCALE_FLOOR, FOLD_SCALE_FLOOR)
             scale = tf.where(tf.abs(scale) < FOLD_SCALE_FLOOR, floor, scale)
         folded = fake_quant(kernel * scale, num_bits=self.num_bits, symmetric=True,
@@ -157,7 +178,7 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
 
     def get_config(self) -> dict:
         return {"num_bits": self.num_bits, "depthwise": self.depthwise,
-                "per_channel": self.per_channel}
+                "per_channel": self.per_channel, "bn_name": self.bn_name}
 
 
 class FusedReLU(tf_keras.layers.Layer):
@@ -188,20 +209,22 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
     """One config for every layer kind: an optional kernel quantizer, an optional output one.
 
     `kernel`: None (no weights), "per_channel", "per_tensor", "depthwise", or "folded",
-    "folded_depthwise", "folded_per_tensor" (`quant.bn=fold`). Built from plain values
-    so it serializes through tfmot's clone-and-rebuild without custom nested objects.
+    "folded_depthwise", "folded_per_tensor" (`quant.bn=fold`, with `bn_name` the BN folded in).
+    Built from plain values so it serializes through tfmot's clone-and-rebuild and through
+    `.keras`/`.h5` saving without custom nested objects.
     """
 
     def __init__(self, kernel_attr: str | None = None, kernel: str | None = None,
                  weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99,
-                 relu: bool = False):
+                 relu: bool = False, bn_name: str | None = None):
         self.kernel_attr = kernel_attr
         self.kernel = kernel
         self.weight_bits = weight_bits
         self.output_bits = output_bits
         self.ema_decay = ema_decay
         self.relu = relu
-        self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits)
+        self.bn_name = bn_name
+        self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits, bn_name)
         self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay, relu)
                                  if output_bits is not None else None)
 
@@ -226,10 +249,10 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
     def get_config(self) -> dict:
         return {"kernel_attr": self.kernel_attr, "kernel": self.kernel,
                 "weight_bits": self.weight_bits, "output_bits": self.output_bits,
-                "ema_decay": self.ema_decay, "relu": self.relu}
+                "ema_decay": self.ema_decay, "relu": self.relu, "bn_name": self.bn_name}
 
 
-def _kernel_quantizer(kind: str | None, bits: int):
+def _kernel_quantizer(kind: str | None, bits: int, bn_name: str | None = None):
     if kind is None:
         return None
     if kind in ("per_channel", "per_tensor"):
@@ -240,7 +263,7 @@ def _kernel_quantizer(kind: str | None, bits: int):
                                         narrow_range=True)
     if kind in ("folded", "folded_depthwise", "folded_per_tensor"):
         return FoldedKernelQuantizer(bits, depthwise=kind == "folded_depthwise",
-                                     per_channel=kind != "folded_per_tensor")
+                                     per_channel=kind != "folded_per_tensor", bn_name=bn_name)
     raise ValueError(f"unknown kernel quantizer kind {kind!r}")
 
 
@@ -316,31 +339,44 @@ def folding_pairs(model: tf_keras.Model) -> dict[str, str]:
     return pairs
 
 
+def _is_fusable_activation(layer) -> bool:
+    """An activation TFLite fuses into the op before it (RELU, RELU6): that op's int8 output
+    range computes it, so nothing is quantized between the two. Leaky or thresholded ReLUs are
+    ops of their own (LEAKY_RELU, ...) and need their input on an int8 grid."""
+    if type(layer).__name__ != "ReLU":
+        return False
+    config = layer.get_config()
+    return not config["negative_slope"] and not config["threshold"] and (
+        config["max_value"] is None or float(config["max_value"]) == 6.0)
+
+
+def fuses_into(producer, consumer, pairs: dict[str, str]) -> bool:
+    """True when `producer`'s output is no tensor of the int8 graph: it feeds only `consumer`,
+    which the converter merges into it (a BN folded into its conv, or a fusable ReLU)."""
+    if _consumers(producer) != [consumer]:
+        return False
+    if isinstance(consumer, QuantBatchNorm):
+        return pairs.get(consumer.name) == producer.name
+    return _is_fusable_activation(consumer) and type(producer).__name__ in FUSES_ACTIVATION
+
+
 def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuantizeConfig:
     """The declarative part: which layer kind gets which quantizers, given its neighbours."""
     kind = type(layer).__name__
     consumers = _consumers(layer)
-    fused_into_next = len(consumers) == 1 and type(consumers[0]).__name__ in (
-        "ReLU", "QuantBatchNorm")
-    output_bits = None if fused_into_next else cfg.activation_bits
-    common = {"output_bits": output_bits, "ema_decay": cfg.activation_ema_decay}
-    if kind in LINEAR_KERNELS:
-        folds = layer.name in pairs.values()
-        if folds:
-            common["output_bits"] = None  # never quantize between a conv and its BN
-        kernel = {"Conv2D": "per_channel", "DepthwiseConv2D": "depthwise",
-                  "Dense": "per_tensor"}[kind]
+    fused_into_next = len(consumers) == 1 and fuses_into(layer, consumers[0], pairs)
+    common = {"output_bits": None if fused_into_next else cfg.activation_bits,
+              "ema_decay": cfg.activation_ema_decay}
+    if kind in KERNELS:
+        folded_bn = next((bn for bn, linear in pairs.items() if linear == layer.name), None)
+        attr, kernel = KERNELS[kind]
         # A per-tensor grid does not survive folding (per-channel BN scales break it, tfmot
         # #438), so a dense kernel followed by BN is quantized folded in either mode.
-        if folds and (cfg.bn == "fold" or kernel == "per_tensor"):
+        if folded_bn and (cfg.bn == "fold" or kernel == "per_tensor"):
             kernel = {"per_channel": "folded", "depthwise": "folded_depthwise",
                       "per_tensor": "folded_per_tensor"}[kernel]
-        return LayerQuantizeConfig(LINEAR_KERNELS[kind], kernel, cfg.weight_bits, **common)
-    if kind == "QuantBatchNorm":
-        common["output_bits"] = None if fused_into_next and type(
-            consumers[0]).__name__ == "ReLU" else cfg.activation_bits
-        return LayerQuantizeConfig(**common)
-    if kind in OUTPUT_QUANTIZED:
+        return LayerQuantizeConfig(attr, kernel, cfg.weight_bits, bn_name=folded_bn, **common)
+    if kind in OUTPUT_QUANTIZED or kind == "QuantBatchNorm":
         if kind == "ReLU":
             leaky = bool(layer.get_config()["negative_slope"])
             common.update(output_bits=cfg.activation_bits, relu=not leaky)
@@ -348,11 +384,39 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuanti
     if kind in PASS_THROUGH:
         return LayerQuantizeConfig()
     raise ConfigError(f"layer {layer.name} ({kind}) has no quantization rule: build models "
-                      f"from {sorted({*LINEAR_KERNELS, *OUTPUT_QUANTIZED, *PASS_THROUGH})}")
+                      f"from {sorted({*KERNELS, *OUTPUT_QUANTIZED, *PASS_THROUGH})}")
+
+
+def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
+               pairs: dict[str, str]) -> None:
+    """Every tensor the int8 graph will have must get a range in the QAT model.
+
+    Walks the graph once: a layer's output has a range if it is quantized, or passes an input
+    that has one through unchanged (pooling, reshape). Every input a layer reads must have a
+    range, unless the producer fuses into it. Fails before training, naming the first gap,
+    instead of failing at export after the whole quant phase.
+    """
+    has_range: dict[str, bool] = {}
+    for layer in model.layers:
+        if isinstance(layer, tf_keras.layers.InputLayer):
+            has_range[layer.name] = True  # the input quantizer
+            continue
+        for producer in _producers(layer):
+            if not (has_range[producer.name] or fuses_into(producer, layer, pairs)):
+                raise ConfigError(
+                    f"layer {layer.name} ({type(layer).__name__}) reads {producer.name} "
+                    f"({type(producer).__name__}), whose output has no quantization range: the "
+                    "int8 file could not compute it; add an output rule for "
+                    f"{type(producer).__name__} in qat.quantize or leave it out of the model")
+        config = configs[layer.name]
+        has_range[layer.name] = config.output_bits is not None or (
+            type(layer).__name__ in PASS_THROUGH and all(
+                has_range[p.name] for p in _producers(layer)))
 
 
 # -- entry point ------------------------------------------------------------------------------
 def quantize_scope():
+    """Custom objects to build and load qat's quantized models (tfmot's scope + qat's)."""
     return tfq.quantize_scope({
         **CUSTOM_OBJECTS, "LayerQuantizeConfig": LayerQuantizeConfig,
         "ActivationQuantizer": ActivationQuantizer,
@@ -365,11 +429,15 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
     """tfmot-quantized copy of `model` (weights copied) with qat's BN switched on per `cfg.bn`.
 
     BNs that fold into a kernel in `fold` mode keep float parameters (the kernel quantizer carries
-    their quantization); every other BN fake-quantizes gamma, beta, mean and variance.
+    their quantization); every other BN fake-quantizes its parameters (`cfg.bn_target`). The plan
+    is checked first (`check_plan`): a model the int8 file could not compute fails here.
     """
     pairs = folding_pairs(model)
-    bn_overrides = {"bn_bits": cfg.bn_bits, "bn_symmetric": cfg.bn_symmetric,
-                    "bn_per_channel": cfg.bn_per_channel, "bn_variance": cfg.bn_variance}
+    configs = {layer.name: _layer_config(layer, pairs, cfg) for layer in model.layers
+               if not isinstance(layer, tf_keras.layers.InputLayer)}
+    check_plan(model, configs, pairs)
+    bn_overrides = {"bn_bits": cfg.bn_bits, "bn_target": cfg.bn_target,
+                    "bn_format": cfg.bn_format, "bn_variance": cfg.bn_variance}
 
     def annotate(layer):
         config = layer.get_config()
@@ -377,7 +445,7 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
             config.update(bn_overrides)
         clone = FusedReLU(name=layer.name) if _is_plain_relu(layer) else (
             layer.__class__.from_config(config))
-        return tfq.quantize_annotate_layer(clone, _layer_config(layer, pairs, cfg))
+        return tfq.quantize_annotate_layer(clone, configs[layer.name])
 
     with quantize_scope():
         annotated = tf_keras.models.clone_model(model, clone_function=annotate)
@@ -392,8 +460,4 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
         folded_by_kernel = cfg.bn == "fold" and name in pairs
         wrapper.layer.quant_switch.assign(0 if folded_by_kernel else 1)
         wrapper.layer.freeze_switch.assign(0)
-        if name in pairs:
-            quantizer = wrappers[pairs[name]].quantize_config.kernel_quantizer
-            if isinstance(quantizer, FoldedKernelQuantizer):
-                quantizer.bind(wrapper.layer)
     return qmodel

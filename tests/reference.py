@@ -51,3 +51,40 @@ def batch_moments(x):
 
 def moving_update(moving, batch_value, momentum):
     return momentum * moving + (1.0 - momentum) * batch_value
+
+
+def channel_exponent_grid(x, num_bits: int):
+    """qat.quant_ops.channel_exponent_grid: a signed b-bit mantissa and a power-of-two exponent
+    per value, the smallest exponent with |x| / 2^e <= 2^(b-1) - 1; round half to even."""
+    x = np.asarray(x, np.float64)
+    qmax = 2.0 ** (num_bits - 1) - 1.0
+    magnitude = np.abs(x)
+    safe = np.where(magnitude > 0, magnitude, 1.0)
+    step = 2.0 ** np.ceil(np.log2(safe / qmax))
+    return np.where(magnitude > 0, np.clip(np.round(x / step), -qmax, qmax) * step, 0.0)
+
+
+def tensor_grid(x, num_bits: int):
+    """qat.quant_ops.tensor_grid for one vector: unsigned grid if x >= 0, else symmetric."""
+    x = np.asarray(x, np.float64)
+    unsigned = x.min() >= 0
+    qmax = 2.0**num_bits - 1.0 if unsigned else 2.0 ** (num_bits - 1) - 1.0
+    step = max(np.abs(x).max() / qmax, 1e-30)
+    return np.clip(np.round(x / step), 0.0 if unsigned else -qmax, qmax) * step
+
+
+def quantized_batchnorm_params(gamma, beta, mean, variance, eps, *, bits: int, target: str,
+                               fmt: str, variance_term: str = "inv_std"):
+    """(gamma, beta, mean, variance) the fused kernel receives in quantized mode, per target."""
+    q = {"channel_exponent": channel_exponent_grid, "tensor": tensor_grid}[fmt]
+    q_ = lambda v: q(v, bits)  # noqa: E731
+    if target == "affine":
+        std = np.sqrt(variance + eps)
+        multiplier = q_(gamma / std)
+        offset = q_(beta - mean * gamma / std)
+        return multiplier * std, offset + multiplier * mean, mean, variance
+    if variance_term == "variance":
+        v_q = np.maximum(q_(variance), 0.0)
+    else:
+        v_q = 1.0 / q_(1.0 / np.sqrt(variance + eps)) ** 2 - eps
+    return q_(gamma), q_(beta), q_(mean), v_q

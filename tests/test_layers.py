@@ -33,16 +33,22 @@ def _params(layer):
             (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)]
 
 
-def _quantized_params(layer, bits=8, target="inv_std"):
-    g, b, m, v = _params(layer)
-    q = lambda t: reference.fake_quant_own_range(t, bits).astype(np.float64)  # noqa: E731
-    v_q = q(v) if target == "variance" else 1.0 / q(1.0 / np.sqrt(v + EPS)) ** 2 - EPS
-    return q(g), q(b), q(m), v_q
+def _quantized_params(layer):
+    """What the kernel gets in quantized mode, from the NumPy reference of the layer's settings."""
+    return reference.quantized_batchnorm_params(
+        *_params(layer), EPS, bits=layer.bn_bits, target=layer.bn_target, fmt=layer.bn_format,
+        variance_term=layer.bn_variance)
+
+
+# Every (target, format) pair, plus the variance itself as params' variance term.
+QUANT_SETTINGS = [{"bn_target": t, "bn_format": f} for t in ("affine", "params")
+                  for f in ("channel_exponent", "tensor")] + [
+    {"bn_target": "params", "bn_format": "tensor", "bn_variance": "variance"}]
 
 
 # -- structure ---------------------------------------------------------------------------
 def test_weights_and_config_round_trip():
-    layer = _layer((4, 3), bn_bits=6, bn_symmetric=False, bn_per_channel=True,
+    layer = _layer((4, 3), bn_bits=6, bn_target="params", bn_format="tensor",
                    bn_variance="variance")
     assert [w.name.split("/")[-1].split(":")[0] for w in layer.weights] == [
         "gamma", "beta", "moving_mean", "moving_variance", "quant_switch", "freeze_switch"]
@@ -79,7 +85,9 @@ def test_moving_statistics_after_n_steps(shape):
         layer(x, training=True)
         mean, var = reference.batch_moments(x)
         m = reference.moving_update(m, mean, 0.8)
-        v = reference.moving_update(v, var * n / (n - 1), 0.8)  # the kernel's unbiased variance
+        # Keras' conventions: NHWC (fused kernel) averages the unbiased batch variance, N×C
+        # (Keras' non-fused path) the biased one.
+        v = reference.moving_update(v, var * n / (n - 1) if len(shape) == 4 else var, 0.8)
     np.testing.assert_allclose(layer.moving_mean.numpy(), m, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layer.moving_variance.numpy(), v, rtol=1e-5, atol=1e-5)
 
@@ -155,23 +163,42 @@ def test_checkpoint_restores_moving_statistics_exactly(tmp_path):
 
 # -- quantized mode ---------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("target", ["inv_std", "variance"])
-def test_quant_inference_matches_reference(shape, target):
-    layer, x = _layer(shape, bn_bits=4, bn_variance=target), _x(shape)
+@pytest.mark.parametrize("settings", QUANT_SETTINGS)
+def test_quant_inference_matches_reference(shape, settings):
+    layer, x = _layer(shape, bn_bits=4, **settings), _x(shape)
     layer.quant_switch.assign(1)
-    g, b, m, v = _quantized_params(layer, bits=4, target=target)
-    np.testing.assert_allclose(layer(x, training=False).numpy(),
-                               reference.batchnorm(x, g, b, m, v, EPS), atol=2e-4)
+    g, b, m, v = _quantized_params(layer)
+    quant_out = layer(x, training=False).numpy()
+    np.testing.assert_allclose(quant_out, reference.batchnorm(x, g, b, m, v, EPS), atol=2e-4)
+    layer.quant_switch.assign(0)
+    assert np.abs(layer(x, training=False).numpy() - quant_out).max() > 1e-3  # 4 bits show
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_quant_training_uses_quantized_gamma_beta_and_batch_statistics(shape):
-    layer, x = _layer(shape, bn_bits=4), _x(shape)
+@pytest.mark.parametrize("settings", QUANT_SETTINGS[:2])
+def test_quant_training_uses_quantized_gamma_beta_and_batch_statistics(shape, settings):
+    layer, x = _layer(shape, bn_bits=4, **settings), _x(shape)
     layer.quant_switch.assign(1)
-    g, b, _, _ = _quantized_params(layer, bits=4)
+    g, b, _, _ = _quantized_params(layer)
     mean, var = reference.batch_moments(x)
     np.testing.assert_allclose(layer(x, training=True).numpy(),
                                reference.batchnorm(x, g, b, mean, var, EPS), atol=2e-4)
+
+
+@pytest.mark.parametrize("target", ["affine", "params"])
+def test_affine_quantization_is_exactly_the_stored_multiplier_and_offset(target):
+    """With moving statistics the layer computes m_q * x + o_q, the pair the file stores."""
+    layer, x = _layer((64, 5), bn_bits=5, bn_target=target), _x((64, 5))
+    layer.quant_switch.assign(1)
+    g, b, m, v = _params(layer)
+    multiplier = g / np.sqrt(v + EPS)
+    m_q = reference.channel_exponent_grid(multiplier, 5)
+    o_q = reference.channel_exponent_grid(b - m * multiplier, 5)
+    got = layer(x, training=False).numpy()
+    if target == "affine":
+        np.testing.assert_allclose(got, x * m_q + o_q, atol=1e-4, rtol=1e-5)
+    else:  # rounding gamma and 1/sigma apart: the product lies on no 5-bit grid
+        assert np.abs(got - (x * m_q + o_q)).max() > 1e-3
 
 
 def test_straight_through_gradients_reach_gamma_and_beta():
@@ -211,19 +238,26 @@ def test_switch_changes_outputs_without_retracing():
     np.testing.assert_array_equal(off, off_again)
 
 
-def test_moving_statistics_update_before_freeze_and_stay_fixed_after():
-    shape = (16, 4, 4, 3)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_moving_statistics_update_before_freeze_and_stay_fixed_after(shape):
     layer = _layer(shape, momentum=0.5)
     layer.quant_switch.assign(1)
     step = tf.function(lambda x_: layer(x_, training=True))
-    before = layer.moving_mean.numpy().copy()
-    step(tf.constant(_x(shape, seed=1)))
-    moved = layer.moving_mean.numpy().copy()
-    assert not np.allclose(before, moved)
+    _, _, m, v = _params(layer)
+    x = _x(shape, seed=1)
+    step(tf.constant(x))
+    mean, var = reference.batch_moments(x)
+    n = np.prod(shape[:-1])
+    batch_var = var * n / (n - 1) if len(shape) == 4 else var  # Keras' convention per rank
+    moved = (reference.moving_update(m, mean, 0.5), reference.moving_update(v, batch_var, 0.5))
+    np.testing.assert_allclose(layer.moving_mean.numpy(), moved[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), moved[1], rtol=1e-5, atol=1e-5)
+    frozen = (layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy())
     layer.freeze_switch.assign(1)
     x = _x(shape, seed=2)
     out = step(tf.constant(x)).numpy()
-    np.testing.assert_array_equal(layer.moving_mean.numpy(), moved)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), frozen[0])
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), frozen[1])
     # After the freeze, training normalizes with the quantized moving statistics.
     g, b, m, v = _quantized_params(layer)
     np.testing.assert_allclose(out, reference.batchnorm(x, g, b, m, v, EPS), atol=2e-4)
@@ -233,3 +267,97 @@ def test_batchnorm_layers_finds_layers_inside_models():
     model = tf_keras.Sequential([tf_keras.Input((4,)), QuantBatchNorm(), tf_keras.layers.Dense(2),
                                  QuantBatchNorm()])
     assert len(batchnorm_layers(model)) == 2
+
+
+# -- Keras parity and the outlier probe ------------------------------------------------------
+@pytest.mark.parametrize("shape", [(6, 6, 3), (5,)])
+def test_training_matches_keras_batchnorm_on_both_ranks(shape):
+    """A converted Keras model must continue training identically: same outputs, same moving
+    statistics after several fit steps (NHWC: Keras' fused path; N×C: its non-fused path)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, size=(64, *shape)).astype(np.float32)
+    y = rng.normal(size=(64, *shape)).astype(np.float32)
+    models = []
+    for bn in (tf_keras.layers.BatchNormalization(momentum=0.8, epsilon=EPS),
+               QuantBatchNorm(momentum=0.8, epsilon=EPS)):
+        model = tf_keras.Sequential([tf_keras.Input(shape), bn])
+        for weight, value in zip(model.layers[-1].weights[:4], [
+                np.linspace(0.5, 1.5, shape[-1]), np.linspace(-1, 1, shape[-1]),
+                np.zeros(shape[-1]), np.ones(shape[-1])], strict=True):
+            weight.assign(value)
+        model.compile(tf_keras.optimizers.SGD(0.1), "mse")
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        models.append(model)
+    keras_model, qat_model = models
+    for a, b in zip(keras_model.layers[-1].weights, qat_model.layers[-1].weights[:4],
+                    strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
+    np.testing.assert_allclose(qat_model(x, training=False), keras_model(x, training=False),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _probe_layer(variance, mean, **settings) -> QuantBatchNorm:
+    """The review's probe: per-channel statistics far apart, quantized at 8 bits."""
+    from qat.config import QuantConfig
+
+    defaults = QuantConfig()
+    config = {"bn_bits": 8, "bn_target": defaults.bn_target, "bn_format": defaults.bn_format,
+              **settings}
+    layer = QuantBatchNorm(epsilon=EPS, **config)
+    layer.build((None, len(variance)))
+    layer.moving_variance.assign(variance)
+    layer.moving_mean.assign(mean)
+    layer.quant_switch.assign(1)
+    return layer
+
+
+def _effective_multiplier_and_mean(layer):
+    """(m, mu): the deployed BN computes m * (x - mu) + beta, per channel."""
+    gamma, beta, mean, variance = (t.numpy().astype(np.float64)
+                                   for t in layer.effective_params())
+    multiplier = gamma / np.sqrt(variance + EPS)
+    offset = beta - mean * multiplier
+    return multiplier, (layer.beta.numpy() - offset) / multiplier
+
+
+PROBE_VARIANCES = np.array([1e-6, 0.5, 1, 2, 20, 100])
+
+
+@pytest.mark.parametrize("settings", [{}, {"bn_target": "params"}])
+def test_no_channel_is_harmed_by_another_at_8_bits(settings):
+    """Default format: every multiplier within 5 % and every normalized mean within 0.05 std,
+    however far apart the channels' statistics lie."""
+    layer = _probe_layer(PROBE_VARIANCES, np.zeros(6), **settings)
+    multiplier, _ = _effective_multiplier_and_mean(layer)
+    ratios = multiplier * np.sqrt(PROBE_VARIANCES + EPS)
+    np.testing.assert_allclose(ratios, 1.0, atol=0.05)
+
+    variance, mean = np.array([1.0, 1e-3]), np.array([5.0, 0.1])
+    layer = _probe_layer(variance, mean, **settings)
+    _, effective_mean = _effective_multiplier_and_mean(layer)
+    assert np.all(np.abs(effective_mean - mean) / np.sqrt(variance + EPS) <= 0.05)
+
+
+def test_one_grid_per_tensor_lets_an_outlier_channel_crush_the_small_ones():
+    """Why `tensor` is not the default: the probe's large multiplier sets the grid step."""
+    layer = _probe_layer(PROBE_VARIANCES, np.zeros(6), bn_format="tensor")
+    multiplier, _ = _effective_multiplier_and_mean(layer)
+    ratios = multiplier * np.sqrt(PROBE_VARIANCES + EPS)
+    assert np.abs(ratios - 1.0).max() > 0.05
+
+
+@pytest.mark.parametrize("settings", QUANT_SETTINGS)
+def test_every_parameter_element_gets_the_identity_gradient(settings):
+    """Straight-through to every element, the ends of each vector's range included."""
+    shape = (16, 3, 3, 4)
+    layer = _layer(shape, bn_bits=4, **settings)
+    layer.quant_switch.assign(1)
+    with tf.GradientTape() as tape:
+        gamma, beta, _, _ = layer.effective_params()
+        loss = tf.reduce_sum(gamma) + 2.0 * tf.reduce_sum(beta)
+    d_gamma, d_beta = tape.gradient(loss, [layer.gamma, layer.beta])
+    if settings["bn_target"] == "affine":  # beta' = o_q + m_q * mean also moves with gamma
+        np.testing.assert_allclose(d_gamma.numpy(), 1.0, rtol=1e-5)
+    else:
+        np.testing.assert_array_equal(d_gamma.numpy(), 1.0)
+    np.testing.assert_allclose(d_beta.numpy(), 2.0, rtol=1e-6)

@@ -8,7 +8,7 @@ import tf_keras
 
 from qat.config import ModelConfig, QuantConfig
 from qat.fold import dequantized_float_model, fold_batchnorms
-from qat.layers import batchnorm_layers
+from qat.layers import QuantBatchNorm, batchnorm_layers
 from qat.models import build_model
 from qat.phases import restore_model
 from qat.quantize import quantize_model
@@ -153,3 +153,111 @@ def test_fold_mode_binds_kernel_quantizers_and_keeps_bn_params_float():
     quantizer = wrappers["block1a_conv"].quantize_config.kernel_quantizer
     assert quantizer.bn is wrappers["block1a_bn"].layer
     assert int(wrappers["block1a_bn"].layer.quant_switch.numpy()) == 0
+
+
+def test_fold_mode_changes_only_per_tensor_kernels():
+    """Per-channel symmetric quantization commutes with a per-channel scale: fq(W·s)/s = fq(W)
+    for conv kernels, so `quant.bn=fold` differs from `params` there only in leaving the BN
+    float; dense kernels (one grid per tensor) are quantized folded in both modes."""
+    from tests import reference
+
+    kernels = {}
+    for mode in ("params", "fold"):
+        tf_keras.utils.set_random_seed(0)
+        qmodel = quantize_model(build_model(ModelConfig(width=4), (8, 8, 1), 10),
+                                QuantConfig(bn=mode))
+        for bn in batchnorm_layers(qmodel):
+            rng = np.random.default_rng(4)
+            bn.gamma.assign(rng.uniform(0.2, 3.0, bn.gamma.shape) * rng.choice([-1, 1],
+                                                                               bn.gamma.shape))
+            bn.moving_variance.assign(rng.uniform(0.1, 3.0, bn.gamma.shape))
+            bn.quant_switch.assign(0)  # compare the kernels alone
+        _train_step(qmodel)
+        for name in ("block1b_conv", "fc_dense"):
+            weight, quantizer, qvars = _wrappers(qmodel)[name]._weight_vars[0]
+            kernels[mode, name] = quantizer(weight, False, qvars).numpy()
+        plain_dense = reference.fake_quant_own_range(
+            _wrappers(qmodel)["fc_dense"]._weight_vars[0][0].numpy(), 8)
+    for name in ("block1b_conv", "fc_dense"):
+        np.testing.assert_allclose(kernels["params", name], kernels["fold", name],
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    assert np.abs(kernels["fold", "fc_dense"] - plain_dense).max() > 1e-4  # folded, not fq(W)
+
+
+def _conv_bn_then(activation_layer):
+    inputs = tf_keras.Input((6, 6, 2))
+    x = tf_keras.layers.Conv2D(3, 3, use_bias=False, name="conv")(inputs)
+    x = QuantBatchNorm(name="bn")(x)
+    x = activation_layer(x)
+    x = tf_keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(2, name="logits")(x))
+
+
+@pytest.mark.parametrize("relu, fused", [
+    (tf_keras.layers.ReLU(name="act"), True),
+    (tf_keras.layers.ReLU(max_value=6.0, name="act"), True),
+    (tf_keras.layers.ReLU(negative_slope=0.1, name="act"), False),
+    (tf_keras.layers.ReLU(threshold=0.5, name="act"), False),
+])
+def test_only_relus_tflite_fuses_go_unquantized_in_front(relu, fused):
+    """RELU and RELU6 are fused into the conv; LEAKY_RELU and a thresholded ReLU are ops of
+    their own, so the BN's output needs a range of its own."""
+    wrappers = _wrappers(quantize_model(_conv_bn_then(relu), QuantConfig()))
+    assert bool(wrappers["bn"]._output_quantizers) is not fused
+    assert not wrappers["conv"]._output_quantizers  # the BN folds into the conv either way
+
+
+def _stray_bn_model():
+    """BNs with nothing to fold into: after an Add, after a conv with a built-in activation."""
+    inputs = tf_keras.Input((6, 6, 2))
+    a = tf_keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="a")(inputs)
+    b = tf_keras.layers.Conv2D(3, 1, name="b")(inputs)
+    x = QuantBatchNorm(name="add_bn")(tf_keras.layers.Add(name="add")([a, b]))
+    x = QuantBatchNorm(name="act_bn")(tf_keras.layers.Conv2D(3, 1, activation="relu",
+                                                            name="c")(x))
+    x = tf_keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(2, name="logits")(x))
+
+
+def test_every_int8_tensor_gets_a_range_in_front_of_a_stray_batchnorm():
+    wrappers = _wrappers(quantize_model(_stray_bn_model(), QuantConfig()))
+    assert wrappers["add"]._output_quantizers and wrappers["c"]._output_quantizers
+
+
+def test_a_plan_with_a_tensor_without_range_fails_before_training():
+    from qat.errors import ConfigError
+    from qat.quantize import _layer_config, check_plan, folding_pairs
+
+    model = _stray_bn_model()
+    pairs = folding_pairs(model)
+    configs = {layer.name: _layer_config(layer, pairs, QuantConfig())
+               for layer in model.layers[1:]}
+    check_plan(model, configs, pairs)  # the rules place a range on every tensor
+    configs["add"].output_bits = None  # a rule that forgets one
+    with pytest.raises(ConfigError, match=r"layer add_bn \(QuantBatchNorm\) reads add \(Add\)"):
+        check_plan(model, configs, pairs)
+
+
+@pytest.mark.parametrize("mode", ["params", "fold"])
+@pytest.mark.parametrize("suffix", [".h5", "_savedmodel"])
+def test_quant_model_survives_save_and_load(tmp_path, mode, suffix):
+    """Folded kernel quantizers find their BN again after loading (it is named in their config).
+    (`.keras` files of tfmot-quantized models do not load back in tfmot 0.8.1, its own
+    `quantize_model` output included: README, "Saving a QAT model".)"""
+    from qat.quantize import quantize_scope
+
+    model = build_model(ModelConfig(width=4), (8, 8, 1), 10)
+    qmodel = quantize_model(model, QuantConfig(bn=mode, weight_bits=4))
+    for bn in batchnorm_layers(qmodel):
+        rng = np.random.default_rng(2)
+        bn.gamma.assign(rng.uniform(0.2, 3.0, bn.gamma.shape))
+        bn.moving_variance.assign(rng.uniform(0.1, 3.0, bn.gamma.shape))
+    x = _train_step(qmodel)
+    want = qmodel(x, training=False).numpy()
+    path = str(tmp_path / f"qat{suffix}")
+    qmodel.save(path)
+    with quantize_scope():
+        loaded = tf_keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(x, training=False).numpy(), want, rtol=1e-5, atol=1e-5)
+    quantizer = _wrappers(loaded)["fc_dense"].quantize_config.kernel_quantizer
+    assert quantizer.bn is _wrappers(loaded)["fc_bn"].layer
