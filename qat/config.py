@@ -187,6 +187,7 @@ class ExportConfig:
     ptq: bool = False  # also post-training-quantize the float checkpoint, as a baseline
     calibration_batches: int = 8  # PTQ representative dataset size, in batches
     fold_tolerance: float = 1e-4  # max |dlogit| / max |logit| allowed between folded and unfolded
+    allow_float_ops: bool = False  # accept an int8 file in which the converter left float ops
 
     def __post_init__(self) -> None:
         _require(self.calibration_batches >= 1,

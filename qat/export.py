@@ -9,6 +9,8 @@ Accuracy is measured on the written .tflite files with ai-edge-litert, not on th
 from __future__ import annotations
 
 import json
+import logging
+import numbers
 import os
 import shutil
 import sys
@@ -38,8 +40,10 @@ from qat.quantize import (
     folding_pairs,
     quantize_model,
 )
+from qat.tflite_check import check_full_int8
 
 EVAL_BATCH = 256
+log = logging.getLogger("qat")
 
 
 # -- conversion -------------------------------------------------------------------------------
@@ -154,7 +158,7 @@ def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
     out_dir = os.path.join(settings.run.dir, "export")
     qmodel = build_quant_model(settings, build_float_model(settings, arrays))
     restore_model(qmodel, phase_dir(settings, "quant"), "quant")
-    x, y = arrays.x_val, arrays.y_val
+    x = arrays.x_val
     qat_logits = qmodel.predict(x, verbose=0, batch_size=EVAL_BATCH)
 
     unfolded = dequantized_float_model(qmodel, build_float_model(settings, arrays))
@@ -169,11 +173,33 @@ def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
     staging = f"{out_dir}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
+    try:  # a failed export leaves <run>/export/ as it was
+        report = _write_files(settings, arrays, folded, qfolded, qat_logits, fold_diff, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+    _log_report(report, tb_dir(settings, "quant"))
+    return report
+
+
+def _write_files(settings: QATConfig, arrays: Arrays, folded: tf_keras.Model,
+                 qfolded: tf_keras.Model, qat_logits: np.ndarray, fold_diff: float,
+                 staging: str) -> dict:
+    """Write every export file and report.json into `staging`; returns the report."""
+    x, y = arrays.x_val, arrays.y_val
     folded.save(os.path.join(staging, "saved_model"), save_format="tf")
     float_path, int8_path = (os.path.join(staging, f) for f in ("model_float.tflite",
                                                                 "model_int8.tflite"))
     float_bytes = export_float_tflite(folded, float_path)
     int8_bytes = export_int8_tflite(qfolded, int8_path, settings.export.int8_io)
+    # Stops here, before any evaluation, unless the file is full-int8 (or allowed not to be).
+    inspection = check_full_int8(int8_path, settings.export.int8_io,
+                                 settings.export.allow_float_ops)
+    if not inspection.full_int8:
+        log.warning("export.allow_float_ops=true: model_int8.tflite keeps %d float op(s): %s",
+                    len(inspection.float_ops), ", ".join(inspection.float_ops[:5]))
     int8_logits = tflite_logits(int8_path, x)
     report = {
         "fold_max_abs_diff": fold_diff,
@@ -183,14 +209,13 @@ def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
         "int8_agreement": float(np.mean(np.argmax(int8_logits, -1) == np.argmax(qat_logits, -1))),
         "float_bytes": float_bytes,
         "int8_bytes": int8_bytes,
+        "int8_float_tensors": inspection.float_tensors,
+        "int8_float_ops": inspection.float_ops,
     }
     if settings.export.ptq:
         report.update(_ptq_baseline(settings, arrays, staging))
     with open(os.path.join(staging, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
-    _log_report(report, tb_dir(settings, "quant"))
     return report
 
 
@@ -211,6 +236,8 @@ def _log_report(report: dict, log_dir: str) -> None:
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "export"))
     with writer.as_default():
         for key, value in report.items():
+            if not isinstance(value, numbers.Real):  # the float tensor/op lists
+                continue
             tf.summary.scalar(f"export/{key}", value, step=0)
     writer.flush()
 

@@ -25,7 +25,11 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     arrays = load_arrays(DataConfig())
 
+    made = {}
+
     def make(model: str, mode: str):
+        if (model, mode) in made:  # a run dir is trained once (run_quant refuses a second time)
+            return made[model, mode]
         base = QATConfig(run=RunConfig(dir=str(root / model)), model=ModelConfig(name=model),
                          trainer=TrainerConfig(epochs=6, verbose=0))
         if not os.path.isdir(os.path.join(base.run.dir, "float")):
@@ -34,6 +38,7 @@ def trained(tmp_path_factory):
             base, run=RunConfig(dir=str(root / f"{model}_{mode}")),
             quant=QuantConfig(bn=mode, epochs=1, init_from=os.path.join(base.run.dir, "float")))
         run_quant(settings, arrays)
+        made[model, mode] = settings
         return settings
 
     return make, arrays
@@ -52,7 +57,10 @@ def test_export_writes_int8_file_that_agrees_with_qat_model(trained, model, mode
     for name in ("saved_model", "model_float.tflite", "model_int8.tflite", "report.json"):
         assert os.path.exists(os.path.join(out, name))
     with open(os.path.join(out, "report.json")) as fh:
-        assert json.load(fh) == pytest.approx(report)
+        saved = json.load(fh)
+    lists = ("int8_float_tensors", "int8_float_ops")  # pytest.approx compares numbers only
+    assert {k: saved.pop(k) for k in lists} == {k: report[k] for k in lists}
+    assert saved == pytest.approx({k: v for k, v in report.items() if k not in lists})
     assert report["fold_max_abs_diff"] < 1e-3
     assert report["int8_agreement"] >= 0.99
     assert abs(report["tflite_int8_accuracy"] - report["qat_val_accuracy"]) <= 0.01
@@ -70,3 +78,112 @@ def test_export_writes_int8_file_that_agrees_with_qat_model(trained, model, mode
         assert len(params["scales"]) == d["shape"][params["quantized_dimension"]] > 1
     float_tensors = [d["name"] for d in details if d["dtype"] == np.float32]
     assert not float_tensors, f"full-int8 file has float tensors: {float_tensors[:5]}"
+    assert report["int8_float_tensors"] == [] and report["int8_float_ops"] == []
+
+
+# -- inspection of written files: is it really full-int8? ---------------------------------------
+def _tiny_model():
+    """Conv → Flatten → Dense(32): the dense kernel (8·8·4×32) is big enough for the converter's
+    dynamic-range quantization to store it as int8, so that file mixes int8 weights with float
+    compute."""
+    import tf_keras
+    from tf_keras import layers
+
+    x = inp = tf_keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(x)
+    x = layers.Flatten(name="flat")(x)
+    return tf_keras.Model(inp, layers.Dense(32, name="logits")(x))
+
+
+def _calibration():
+    return np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def float_compute_file(tmp_path_factory):
+    """Dynamic-range quantization (Optimize.DEFAULT, no representative dataset): float compute."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(_tiny_model())
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    path = tmp_path_factory.mktemp("tflite") / "dynamic_range.tflite"
+    path.write_bytes(converter.convert())
+    return str(path)
+
+
+def test_inspection_lists_float_ops_of_a_dynamic_range_file(float_compute_file):
+    from qat.tflite_check import inspect_int8_tflite
+
+    found = inspect_int8_tflite(float_compute_file)
+    assert not found.full_int8
+    ops = [op.split("(")[0] for op in found.float_ops]
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= set(ops)
+    assert "serving_default_input_1:0" in found.float_tensors  # float input, float activations
+    assert any("conv" in name for name in found.float_tensors)
+    assert not any(name.startswith("model/logits/MatMul") for name in found.float_tensors), \
+        "the dense kernel is stored as int8: only float tensors are listed"
+
+
+@pytest.mark.parametrize("int8_io", [True, False])
+def test_inspection_of_a_full_int8_file_is_empty(tmp_path, int8_io):
+    """int8_io=False: the QUANTIZE of the input and DEQUANTIZE of the output are accepted, and
+    reported as boundary ops; read as an int8-I/O file, the same file fails on exactly those."""
+    from qat.export import export_ptq_tflite
+    from qat.tflite_check import inspect_int8_tflite
+
+    path = str(tmp_path / "ptq.tflite")
+    export_ptq_tflite(_tiny_model(), _calibration(), path, int8_io=int8_io)
+    found = inspect_int8_tflite(path, int8_io=int8_io)
+    assert found.full_int8 and found.float_tensors == [] and found.float_ops == []
+    if int8_io:
+        assert found.boundary_ops == []
+        return
+    assert [op.split("(")[0] for op in found.boundary_ops] == ["QUANTIZE", "DEQUANTIZE"]
+    strict = inspect_int8_tflite(path, int8_io=True)
+    assert strict.float_ops == found.boundary_ops
+    assert len(strict.float_tensors) == 2  # the model's float input and output
+
+
+def test_check_names_the_float_ops_and_the_setting(float_compute_file):
+    from qat.errors import ExportError
+    from qat.tflite_check import check_full_int8
+
+    with pytest.raises(ExportError) as caught:
+        check_full_int8(float_compute_file, int8_io=True)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "CONV_2D(model/conv/Relu;model/conv/Conv2D)" in message
+    assert "serving_default_input_1:0" in message and "more" in message
+    assert "export.allow_float_ops=true" in message
+    allowed = check_full_int8(float_compute_file, int8_io=True, allow_float_ops=True)
+    assert allowed.float_ops and allowed.float_tensors
+
+
+def test_export_with_float_ops_fails_and_keeps_the_previous_export(trained, float_compute_file,
+                                                                  monkeypatch):
+    """The converter leaving float ops (simulated: the written file is a dynamic-range one) stops
+    the export with the names; <run>/export/ is untouched and export.partial/ is gone."""
+    from qat import export as export_mod
+    from qat.errors import ExportError
+
+    make, arrays = trained
+    settings = make("convnet", "fold")
+    out = os.path.join(settings.run.dir, "export")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w") as fh:
+        fh.write("previous")
+    before = sorted(os.listdir(out))
+
+    def float_file(qmodel, path, int8_io):
+        with open(float_compute_file, "rb") as src, open(path, "wb") as dst:
+            return dst.write(src.read())
+
+    monkeypatch.setattr(export_mod, "export_int8_tflite", float_file)
+    with pytest.raises(ExportError, match="export.allow_float_ops=true") as caught:
+        export_mod.export_run(settings, arrays)
+    assert "model_int8.tflite is not full-int8" in str(caught.value)
+    assert "FULLY_CONNECTED(StatefulPartitionedCall:0)" in str(caught.value)
+    assert sorted(os.listdir(out)) == before
+    with open(os.path.join(out, "report.json")) as fh:
+        assert fh.read() == "previous"
+    assert not os.path.exists(f"{out}.partial")
