@@ -3,7 +3,8 @@
 Every candidate is warmed up (traced, allocated), then timed in interleaved rounds — A B C D,
 A B C D, ... — so slow drift of a shared machine hits all of them alike; each figure is the
 median over rounds of the mean step time within a round (ms), each ratio the median of the
-ratios taken within a round. TensorFlow runs on one thread unless `--threads` says otherwise: on
+ratios taken within a round; the raw per-round figures are written too (`rounds`), so every
+summary can be recomputed. TensorFlow runs on one thread unless `--threads` says otherwise: on
 a shared 2-core machine the per-round quant/float network ratio had an interquartile range of
 0.93-1.31 with two threads, 1.02-1.08 with one (measured; figures in the README).
 """
@@ -154,7 +155,7 @@ def bench_network(model_name: str, image: tuple[int, int, int], batch: int, widt
 
 
 def bench_tflite(quant_net: tf_keras.Model, cfg: ModelConfig, batch: int,
-                 rounds: int) -> dict[str, float]:
+                 rounds: int) -> dict[str, list[float]]:
     """Inference per batch of the exported float and int8 files (the quant net, folded)."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -179,7 +180,7 @@ def bench_tflite(quant_net: tf_keras.Model, cfg: ModelConfig, batch: int,
             dtype = interpreter.get_input_details()[0]["dtype"]
             interpreter.set_tensor(index, x if dtype == np.float32 else np.zeros(x.shape, dtype))
             runners[name] = interpreter.invoke
-        return medians(time_rounds(runners, rounds, 5))
+        return time_rounds(runners, rounds, 5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     bn = bench_bn_layer(bn_shape, args.rounds, args.steps)
     network, quant_net = bench_network(args.model, image, args.batch, args.width, args.rounds,
                                        args.steps)
+    tflite = bench_tflite(quant_net, ModelConfig(name=args.model, width=args.width), args.batch,
+                          args.rounds)
     pairs = {  # ratios taken within each round, then summarized over rounds
         "qat_quant/keras_fused": (bn, "qat_quant", "keras_fused"),
         "qat_float/keras_fused": (bn, "qat_float", "keras_fused"),
@@ -215,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bn_layer": medians(bn),
         "network": medians(network),
-        "tflite": bench_tflite(quant_net, ModelConfig(name=args.model, width=args.width),
-                               args.batch, args.rounds),
+        "tflite": medians(tflite),
         "ratios": {name: paired_ratio(samples, a, b) for name, (samples, a, b) in pairs.items()},
         "ratio_spread": {name: ratio_spread(samples, a, b)
                          for name, (samples, a, b) in pairs.items()},
+        "rounds": {"bn_layer": bn, "network": network, "tflite": tflite},  # ms, round by round
         "shapes": {"bn_input": list(bn_shape), "network_input": [args.batch, *image],
                    "model": args.model, "width": args.width},
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
@@ -227,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         "tensorflow": tf.__version__,
         "method": f"median of {args.rounds} interleaved rounds x {args.steps} steps after 3 "
                   "warm-up steps; ratios: median of the per-round ratios, ratio_spread: "
-                  "their 25th-75th percentiles",
+                  "their 25th-75th percentiles; rounds: the per-round figures (ms)",
     }
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))  # the file
+    # has the per-round figures as well
     return 0
 
 

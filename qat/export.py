@@ -14,13 +14,14 @@ import numbers
 import os
 import shutil
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
-from qat.config import QATConfig
+from qat.config import ExportConfig, QATConfig, QuantConfig
 from qat.data import Arrays, load_arrays
 from qat.errors import ExportError, QatError, report_error
 from qat.files import write_atomic
@@ -155,17 +156,31 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
 def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
     """Fold, export and evaluate the quant checkpoint of `settings.run.dir`; writes report.json."""
     arrays = arrays or load_arrays(settings.data)
-    out_dir = os.path.join(settings.run.dir, "export")
     qmodel = build_quant_model(settings, build_float_model(settings, arrays))
     restore_model(qmodel, phase_dir(settings, "quant"), "quant")
-    x = arrays.x_val
+    ptq = (lambda staging: _ptq_baseline(settings, arrays, staging)) if (
+        settings.export.ptq) else None
+    report = export_quant_model(qmodel, build_float_model(settings, arrays), arrays.x_val,
+                                arrays.y_val, os.path.join(settings.run.dir, "export"),
+                                settings.quant, settings.export, extra=ptq)
+    _log_report(report, tb_dir(settings, "quant"))
+    return report
+
+
+def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model, x: np.ndarray,
+                       y: np.ndarray, out_dir: str, quant: QuantConfig, export: ExportConfig,
+                       extra: Callable[[str], dict] | None = None) -> dict:
+    """Fold a trained QAT model, write SavedModel + float/int8 TFLite + report.json to `out_dir`
+    and evaluate the written files on (x, y). `float_model`: a fresh float model of the same
+    architecture (its weights are overwritten). `extra(staging_dir)` may add files and figures.
+    `out_dir` is replaced only once everything is written: a failed export leaves it as it was.
+    """
     qat_logits = qmodel.predict(x, verbose=0, batch_size=EVAL_BATCH)
-
-    unfolded = dequantized_float_model(qmodel, build_float_model(settings, arrays))
+    unfolded = dequantized_float_model(qmodel, float_model)
     folded = fold_batchnorms(unfolded)
-    fold_diff = parity(unfolded, folded, x, settings.export.fold_tolerance)
+    fold_diff = parity(unfolded, folded, x, export.fold_tolerance)
 
-    qfolded = quantize_model(folded, settings.quant)
+    qfolded = quantize_model(folded, quant)
     aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}
     _copy_activation_ranges(qmodel, qfolded, aliases)
     _set_kernel_ranges(qfolded)
@@ -173,36 +188,36 @@ def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
     staging = f"{out_dir}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    try:  # a failed export leaves <run>/export/ as it was
-        report = _write_files(settings, arrays, folded, qfolded, qat_logits, fold_diff, staging)
+    try:
+        report = {"fold_max_abs_diff": fold_diff,
+                  **_write_files(folded, qfolded, x, y, qat_logits, export, staging)}
+        if extra is not None:
+            report.update(extra(staging))
+        with open(os.path.join(staging, "report.json"), "w") as fh:
+            json.dump(report, fh, indent=2)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(staging, out_dir)
-    _log_report(report, tb_dir(settings, "quant"))
     return report
 
 
-def _write_files(settings: QATConfig, arrays: Arrays, folded: tf_keras.Model,
-                 qfolded: tf_keras.Model, qat_logits: np.ndarray, fold_diff: float,
-                 staging: str) -> dict:
-    """Write every export file and report.json into `staging`; returns the report."""
-    x, y = arrays.x_val, arrays.y_val
+def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, x: np.ndarray, y: np.ndarray,
+                 qat_logits: np.ndarray, export: ExportConfig, staging: str) -> dict:
+    """Write the model files into `staging`, check the int8 one, evaluate both."""
     folded.save(os.path.join(staging, "saved_model"), save_format="tf")
     float_path, int8_path = (os.path.join(staging, f) for f in ("model_float.tflite",
                                                                 "model_int8.tflite"))
     float_bytes = export_float_tflite(folded, float_path)
-    int8_bytes = export_int8_tflite(qfolded, int8_path, settings.export.int8_io)
+    int8_bytes = export_int8_tflite(qfolded, int8_path, export.int8_io)
     # Stops here, before any evaluation, unless the file is full-int8 (or allowed not to be).
-    inspection = check_full_int8(int8_path, settings.export.int8_io,
-                                 settings.export.allow_float_ops)
+    inspection = check_full_int8(int8_path, export.int8_io, export.allow_float_ops)
     if not inspection.full_int8:
         log.warning("export.allow_float_ops=true: model_int8.tflite keeps %d float op(s): %s",
                     len(inspection.float_ops), ", ".join(inspection.float_ops[:5]))
     int8_logits = tflite_logits(int8_path, x)
-    report = {
-        "fold_max_abs_diff": fold_diff,
+    return {
         "qat_val_accuracy": accuracy(qat_logits, y),
         "tflite_float_accuracy": accuracy(tflite_logits(float_path, x), y),
         "tflite_int8_accuracy": accuracy(int8_logits, y),
@@ -212,11 +227,6 @@ def _write_files(settings: QATConfig, arrays: Arrays, folded: tf_keras.Model,
         "int8_float_tensors": inspection.float_tensors,
         "int8_float_ops": inspection.float_ops,
     }
-    if settings.export.ptq:
-        report.update(_ptq_baseline(settings, arrays, staging))
-    with open(os.path.join(staging, "report.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
-    return report
 
 
 def _ptq_baseline(settings: QATConfig, arrays: Arrays, out_dir: str) -> dict:

@@ -187,3 +187,69 @@ def test_export_with_float_ops_fails_and_keeps_the_previous_export(trained, floa
     with open(os.path.join(out, "report.json")) as fh:
         assert fh.read() == "previous"
     assert not os.path.exists(f"{out}.partial")
+
+
+def _stray_bn_model(input_shape, classes):
+    """Every BN the converter cannot fold: at the input, after an Add, after a conv with a
+    built-in activation, on N×C after a ReLU; and a BN → leaky ReLU (an op TFLite cannot fuse)."""
+    import tf_keras
+    from tf_keras import layers
+
+    from qat.layers import QuantBatchNorm
+
+    def bn(name):
+        return QuantBatchNorm(momentum=0.9, name=name)
+
+    inputs = tf_keras.Input(input_shape)
+    x = bn("input_bn")(inputs)
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(x)
+    x = layers.ReLU(negative_slope=0.1, name="leaky")(bn("c1_bn")(x))
+    a = layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(x)
+    b = layers.Conv2D(8, 1, name="b")(x)
+    x = bn("add_bn")(layers.Add(name="add")([a, b]))
+    x = layers.MaxPooling2D(name="pool1")(x)
+    x = bn("act_bn")(layers.Conv2D(16, 3, padding="same", activation="relu", name="c2")(x))
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.ReLU(name="fc_relu")(layers.Dense(16, name="fc")(x))
+    x = bn("vector_bn")(x)
+    return tf_keras.Model(inputs, layers.Dense(classes, name="logits")(x))
+
+
+def test_stray_batchnorms_are_quantized_and_exported_full_int8(tmp_path):
+    """BNs with nothing to fold into are quantized (affine pair), exported as int8 per-channel
+    1×1 depthwise convs, and the file agrees with the QAT model."""
+    import tf_keras
+
+    from qat.config import ExportConfig, QuantConfig
+    from qat.export import export_quant_model
+    from qat.quantize import quantize_model
+
+    arrays = load_arrays(DataConfig())
+    tf_keras.utils.set_random_seed(0)
+    model = _stray_bn_model(arrays.input_shape, arrays.num_classes)
+    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(tf_keras.optimizers.Adam(3e-3), loss, metrics=["accuracy"])
+    model.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=6, verbose=0)
+    qmodel = quantize_model(model, QuantConfig())
+    qmodel.compile(tf_keras.optimizers.Adam(5e-4), loss)
+    qmodel.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=1, verbose=0)
+
+    out = str(tmp_path / "export")
+    report = export_quant_model(qmodel, _stray_bn_model(arrays.input_shape, arrays.num_classes),
+                                arrays.x_val, arrays.y_val, out, QuantConfig(), ExportConfig())
+    assert report["int8_float_tensors"] == [] and report["int8_float_ops"] == []
+    assert report["qat_val_accuracy"] > 0.9  # trained, so agreement means something
+    # Measured 0.989 here: this small net has near-tied logits, and int8 ADD/LEAKY_RELU
+    # requantize with their own rounding. Every logit stays within one output step on average:
+    assert report["int8_agreement"] >= 0.98
+    from ai_edge_litert.interpreter import Interpreter
+
+    from qat.export import tflite_logits
+
+    path = os.path.join(out, "model_int8.tflite")
+    interpreter = Interpreter(model_path=path)
+    output_step = interpreter.get_output_details()[0]["quantization"][0]
+    diff = np.abs(tflite_logits(path, arrays.x_val) - qmodel.predict(arrays.x_val, verbose=0))
+    assert diff.mean() <= output_step
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert {"DEPTHWISE_CONV_2D", "LEAKY_RELU"} <= ops and not ops & {"MUL", "DEQUANTIZE"}

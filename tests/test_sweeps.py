@@ -1,13 +1,14 @@
 """Sweeps: a two-job multirun end to end, HParams read back, the report, missing plugins."""
 
 import json
+import os
 import struct
 import zlib
 
 import pytest
 
 from qat.errors import ConfigError
-from qat.plugins import EXTRA, PLUGINS, check_plugins
+from qat.plugins import EXTRA, check_plugins
 from tests.conftest import run_cli
 
 
@@ -114,17 +115,51 @@ def test_missing_plugin_names_the_extra():
     check_plugins(["phase=quant"], installed=lambda module: False)  # nothing needed
 
 
-def test_missing_plugin_from_the_cli(tmp_path):
-    import importlib.util
+# Stands in for hydra-joblib-launcher: registers Hydra's own basic launcher as
+# hydra/launcher=joblib, so a run gets past the plugin check and Hydra can compose and launch it.
+JOBLIB_STAND_IN = """
+from hydra.core.config_store import ConfigStore
 
-    missing = [key for key, module in PLUGINS.items() if importlib.util.find_spec(
-        module.split(".")[0]) is None or importlib.util.find_spec(module) is None]
-    key = missing[0] if missing else None
-    if key is None:  # every plugin is installed here: then the check must let the run through
-        proc = run_cli("qat.train", "-m", "hydra/launcher=joblib", "trainer.batch_size=0")
-        assert EXTRA not in proc.stderr
-        return
-    proc = run_cli("qat.train", "-m", key, f"run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 2
+ConfigStore.instance().store(
+    group="hydra/launcher", name="joblib", provider="qat-tests",
+    node={"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"})
+"""
+
+
+def _plugins_env(root, *, installed):
+    """A PYTHONPATH under which the sweep plugins are all missing (installed=False) or the joblib
+    launcher is installed (a stand-in), whatever this machine has: both branches run anywhere."""
+    package = root / "hydra_plugins"
+    if installed:  # a namespace portion (no __init__.py) found before any installed one
+        (package / "hydra_joblib_launcher").mkdir(parents=True)
+        (package / "hydra_joblib_launcher" / "__init__.py").write_text(JOBLIB_STAND_IN)
+    else:  # a regular package wins over every namespace portion: no hydra_plugins.* module
+        package.mkdir(parents=True)  # can be found, which is what qat.plugins checks
+        (package / "__init__.py").write_text("")
+    path = [str(root), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"PYTHONPATH": os.pathsep.join(path)}
+
+
+@pytest.mark.parametrize("key", ["hydra/launcher=joblib", "hydra/sweeper=optuna"])
+def test_missing_plugin_from_the_cli(tmp_path, key):
+    env = _plugins_env(tmp_path / "path", installed=False)
+    proc = run_cli("qat.train", "-m", key, f"run.dir={tmp_path / 'run'}",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", extra_env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
     expected = f"qat: error: {key} needs a Hydra plugin that is not installed: {EXTRA}"
     assert proc.stderr.strip().splitlines()[-1] == expected
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_installed_plugin_lets_the_cli_through(tmp_path):
+    """The plugin check passes, Hydra composes the launcher and the job's config validation
+    runs: its error, not the plugin message, is what the command ends with."""
+    env = _plugins_env(tmp_path / "path", installed=True)
+    proc = run_cli("qat.train", "-m", "hydra/launcher=joblib", "trainer.batch_size=0",
+                   f"run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   extra_env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "qat: error: trainer.batch_size=0 must be >= 1")
+    assert EXTRA not in proc.stderr
+    assert (tmp_path / "sweep" / "multirun.yaml").is_file()  # Hydra did start the sweep
