@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -99,6 +100,12 @@ def _calibration():
     return np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)
 
 
+def _input_name(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=path).get_input_details()[0]["name"]
+
+
 @pytest.fixture(scope="module")
 def float_compute_file(tmp_path_factory):
     """Dynamic-range quantization (Optimize.DEFAULT, no representative dataset): float compute."""
@@ -118,9 +125,9 @@ def test_inspection_lists_float_ops_of_a_dynamic_range_file(float_compute_file):
     assert not found.full_int8
     ops = [op.split("(")[0] for op in found.float_ops]
     assert {"CONV_2D", "FULLY_CONNECTED"} <= set(ops)
-    assert "serving_default_input_1:0" in found.float_tensors  # float input, float activations
+    assert _input_name(float_compute_file) in found.float_tensors  # float input and activations
     assert any("conv" in name for name in found.float_tensors)
-    assert not any(name.startswith("model/logits/MatMul") for name in found.float_tensors), \
+    assert not any("logits/MatMul" in name for name in found.float_tensors), \
         "the dense kernel is stored as int8: only float tensors are listed"
 
 
@@ -152,8 +159,9 @@ def test_check_names_the_float_ops_and_the_setting(float_compute_file):
         check_full_int8(float_compute_file, int8_io=True)
     message = str(caught.value)
     assert "\n" not in message
-    assert "CONV_2D(model/conv/Relu;model/conv/Conv2D)" in message
-    assert "serving_default_input_1:0" in message and "more" in message
+    # Keras numbers model names per process (model/, model_18/...): match the layer part.
+    assert re.search(r"CONV_2D\([^)]*conv/Relu;[^)]*conv/Conv2D\)", message)
+    assert _input_name(float_compute_file) in message and "more" in message
     assert "export.allow_float_ops=true" in message
     allowed = check_full_int8(float_compute_file, int8_io=True, allow_float_ops=True)
     assert allowed.float_ops and allowed.float_tensors
