@@ -11,11 +11,11 @@ per-channel scale and shift, a 1×1 depthwise conv (`ChannelAffine` on N×C): ne
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
 from qat.errors import ExportError
+from qat.graph import rebuild
 from qat.layers import ChannelAffine, QuantBatchNorm
 from qat.quantize import LINEAR_KERNELS, depthwise_output_channels, folding_pairs
 
@@ -40,30 +40,6 @@ def fold_linear(kernel: np.ndarray, bias: np.ndarray | None, kind: str,
     return k.astype(np.float32), (beta + (b - mean) * scale).astype(np.float32)
 
 
-def _rebuild(model: tf_keras.Model, replace) -> tf_keras.Model:
-    """Re-wire a functional model layer by layer. `replace(layer)` returns the new layer, or
-    None to drop the layer (its output becomes its input). Assumes each layer is called once."""
-    tensors: dict[str, object] = {}
-    new_inputs = []
-    for layer in model.layers:
-        if isinstance(layer, tf_keras.layers.InputLayer):
-            new = tf_keras.Input(shape=layer.input_shape[0][1:], name=layer.name)
-            tensors[layer.name] = new
-            new_inputs.append(new)
-            continue
-        inbound = [p.name for node in layer._inbound_nodes
-                   for p in tf.nest.flatten(node.inbound_layers)]
-        args = [tensors[name] for name in inbound]
-        new_layer = replace(layer)
-        if new_layer is None:
-            tensors[layer.name] = args[0]
-        else:
-            tensors[layer.name] = new_layer(args[0] if len(args) == 1 else args)
-    outputs = [tensors[name] for name in model.output_names]
-    return tf_keras.Model(new_inputs, outputs[0] if len(outputs) == 1 else outputs,
-                          name=f"{model.name}_folded")
-
-
 def fold_batchnorms(model: tf_keras.Model) -> tf_keras.Model:
     """BN-free copy of a float model (no tfmot wrappers) with the same layer names."""
     pairs = folding_pairs(model)
@@ -81,7 +57,7 @@ def fold_batchnorms(model: tf_keras.Model) -> tf_keras.Model:
             config["use_bias"] = True
         return layer.__class__.from_config(config)
 
-    folded = _rebuild(model, replace)
+    folded = rebuild(model, replace, name=f"{model.name}_folded")
     for layer in model.layers:
         if isinstance(layer, tf_keras.layers.InputLayer) or layer.name in pairs:
             continue

@@ -40,15 +40,17 @@ class QuantBatchNorm(tf_keras.layers.Layer):
     In which number format (`bn_format`, see `qat.quant_ops`): `channel_exponent` or `tensor`.
     """
 
-    def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, bn_bits: int = 8,
-                 bn_target: str = "affine", bn_format: str = "channel_exponent",
-                 bn_variance: str = "inv_std", **kwargs):
+    def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
+                 scale: bool = True, bn_bits: int = 8, bn_target: str = "affine",
+                 bn_format: str = "channel_exponent", bn_variance: str = "inv_std", **kwargs):
         super().__init__(**kwargs)
         _check_choice("bn_target", bn_target, BN_TARGETS)
         _check_choice("bn_format", bn_format, BN_FORMATS)
         _check_choice("bn_variance", bn_variance, BN_VARIANCE_TARGETS)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
         self.bn_bits = int(bn_bits)
         self.bn_target = bn_target
         self.bn_format = bn_format
@@ -64,8 +66,12 @@ class QuantBatchNorm(tf_keras.layers.Layer):
         stat = {"shape": (channels,), "trainable": False,
                 "synchronization": tf.VariableSynchronization.ON_READ,
                 "aggregation": tf.VariableAggregation.MEAN}
-        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
-        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+        # center/scale=False (as in Keras): beta 0 / gamma 1, kept as fixed weights so every BN
+        # has the same variables and the fused kernel the same arguments.
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones",
+                                     trainable=self.scale)
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros",
+                                    trainable=self.center)
         self.moving_mean = self.add_weight(name="moving_mean", initializer="zeros", **stat)
         self.moving_variance = self.add_weight(name="moving_variance", initializer="ones", **stat)
         switch = {"shape": (), "dtype": tf.int32, "trainable": False, "initializer": "zeros",
@@ -143,6 +149,8 @@ class QuantBatchNorm(tf_keras.layers.Layer):
 
         if training is None:
             training = tf_keras.backend.learning_phase()
+        if not self.trainable:  # Keras: a frozen BN runs in inference mode (transfer learning)
+            training = False
         if isinstance(training, (bool, int)):
             training = bool(training)
             if not training:
@@ -172,7 +180,8 @@ class QuantBatchNorm(tf_keras.layers.Layer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(momentum=self.momentum, epsilon=self.epsilon, bn_bits=self.bn_bits,
+        config.update(momentum=self.momentum, epsilon=self.epsilon, center=self.center,
+                      scale=self.scale, bn_bits=self.bn_bits,
                       bn_target=self.bn_target, bn_format=self.bn_format,
                       bn_variance=self.bn_variance)
         return config

@@ -28,6 +28,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 
 from qat.config import QuantConfig
 from qat.errors import ConfigError
+from qat.graph import consumers, producers
 from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
 from qat.quant_ops import fake_quant, fake_quant_activation
 
@@ -152,7 +153,7 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
     def bn(self) -> QuantBatchNorm | None:
         """The BN this kernel folds into: the consumer of the wrapped layer named `bn_name`."""
         wrapper = self._wrapper() if self._wrapper is not None else None
-        for consumer in _consumers(wrapper) if wrapper is not None else []:
+        for consumer in consumers(wrapper) if wrapper is not None else []:
             inner = getattr(consumer, "layer", consumer)
             if inner.name == self.bn_name and isinstance(inner, QuantBatchNorm):
                 return inner
@@ -318,24 +319,16 @@ class QatQuantizeScheme(tfq.QuantizeScheme):
 
 
 # -- graph analysis ---------------------------------------------------------------------------
-def _consumers(layer) -> list:
-    return [node.outbound_layer for node in layer._outbound_nodes]
-
-
-def _producers(layer) -> list:
-    return [p for node in layer._inbound_nodes for p in tf.nest.flatten(node.inbound_layers)]
-
-
 def folding_pairs(model: tf_keras.Model) -> dict[str, str]:
     """{BN name: name of the conv/depthwise/dense it folds into} for BNs with such a producer."""
     pairs = {}
     for layer in model.layers:
         if isinstance(layer, QuantBatchNorm):
-            producers = _producers(layer)
-            if (len(producers) == 1 and type(producers[0]).__name__ in LINEAR_KERNELS
-                    and len(_consumers(producers[0])) == 1
-                    and producers[0].get_config().get("activation", "linear") == "linear"):
-                pairs[layer.name] = producers[0].name
+            inbound = producers(layer)
+            if (len(inbound) == 1 and type(inbound[0]).__name__ in LINEAR_KERNELS
+                    and len(consumers(inbound[0])) == 1
+                    and inbound[0].get_config().get("activation", "linear") == "linear"):
+                pairs[layer.name] = inbound[0].name
     return pairs
 
 
@@ -353,7 +346,7 @@ def _is_fusable_activation(layer) -> bool:
 def fuses_into(producer, consumer, pairs: dict[str, str]) -> bool:
     """True when `producer`'s output is no tensor of the int8 graph: it feeds only `consumer`,
     which the converter merges into it (a BN folded into its conv, or a fusable ReLU)."""
-    if _consumers(producer) != [consumer]:
+    if consumers(producer) != [consumer]:
         return False
     if isinstance(consumer, QuantBatchNorm):
         return pairs.get(consumer.name) == producer.name
@@ -363,8 +356,8 @@ def fuses_into(producer, consumer, pairs: dict[str, str]) -> bool:
 def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuantizeConfig:
     """The declarative part: which layer kind gets which quantizers, given its neighbours."""
     kind = type(layer).__name__
-    consumers = _consumers(layer)
-    fused_into_next = len(consumers) == 1 and fuses_into(layer, consumers[0], pairs)
+    outbound = consumers(layer)
+    fused_into_next = len(outbound) == 1 and fuses_into(layer, outbound[0], pairs)
     common = {"output_bits": None if fused_into_next else cfg.activation_bits,
               "ema_decay": cfg.activation_ema_decay}
     if kind in KERNELS:
@@ -401,7 +394,7 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
         if isinstance(layer, tf_keras.layers.InputLayer):
             has_range[layer.name] = True  # the input quantizer
             continue
-        for producer in _producers(layer):
+        for producer in producers(layer):
             if not (has_range[producer.name] or fuses_into(producer, layer, pairs)):
                 raise ConfigError(
                     f"layer {layer.name} ({type(layer).__name__}) reads {producer.name} "
@@ -411,7 +404,7 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
         config = configs[layer.name]
         has_range[layer.name] = config.output_bits is not None or (
             type(layer).__name__ in PASS_THROUGH and all(
-                has_range[p.name] for p in _producers(layer)))
+                has_range[p.name] for p in producers(layer)))
 
 
 # -- entry point ------------------------------------------------------------------------------
