@@ -9,6 +9,7 @@ into these objects; library code only ever sees the objects, never a DictConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +22,8 @@ PHASE_STEPS = {
     "all": ("float", "quant", "export"),
 }
 DATASETS = ("digits", "npz", "synthetic", "mnist", "fashion_mnist", "cifar10")
-MODELS = ("convnet", "resnet", "mobilenet")
+BUILTIN_MODELS = ("convnet", "resnet", "mobilenet")
+MODELS = (*BUILTIN_MODELS, "keras", "target", "file")
 BN_MODES = ("params", "fold")
 BN_TARGETS = ("affine", "params")  # what of BN is quantized: the folded pair, or each parameter
 BN_FORMATS = ("channel_exponent", "tensor")  # how: per-value exponent, or one grid per vector
@@ -102,13 +104,23 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "convnet"
-    width: int = 16  # channels of the first stage; later stages double it
-    bn_momentum: float = 0.9  # moving stats average ~10 steps: digits has ~22 steps an epoch
-    bn_epsilon: float = 1e-3  # Keras' default
+    name: str = "convnet"  # built-in nets, or a source: keras | target | file
+    width: int = 16  # built-ins: channels of the first stage; later stages double it
+    bn_momentum: float = 0.9  # built-ins: moving stats average ~10 steps (~22 steps an epoch)
+    bn_epsilon: float = 1e-3  # built-ins: Keras' default
+    arch: str | None = None  # model=keras: a tf_keras.applications constructor, e.g. MobileNetV2
+    target: str | None = None  # model=target: "package.module:function"
+    path: str | None = None  # model=file: a .keras / .h5 file or a SavedModel directory
+    weights: str | None = None  # model=keras: a local weights file (nothing is downloaded)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keywords (arch/target)
 
     def __post_init__(self) -> None:
         _require(self.name in MODELS, f"model={self.name} is unknown: use one of {MODELS}")
+        for source, key in (("keras", "arch"), ("target", "target"), ("file", "path")):
+            _require(self.name != source or bool(getattr(self, key)),
+                     f"model={source} needs model.{key}=...")
+        _require(self.target is None or ":" in self.target,
+                 f"model.target={self.target} must read package.module:function")
         _require(self.width >= 1, f"model.width={self.width} must be >= 1")
         _require(0.0 <= self.bn_momentum < 1.0,
                  f"model.bn_momentum={self.bn_momentum} must be in [0, 1)")

@@ -29,8 +29,8 @@ from qat.fold import dequantized_float_model, fold_batchnorms, parity
 from qat.phases import (
     build_float_model,
     build_quant_model,
-    float_checkpoint_dir,
     phase_dir,
+    restore_float_weights,
     restore_model,
     tb_dir,
 )
@@ -231,7 +231,7 @@ def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, x: np.ndarray,
 
 def _ptq_baseline(settings: QATConfig, arrays: Arrays, out_dir: str) -> dict:
     float_model = build_float_model(settings, arrays)
-    restore_model(float_model, float_checkpoint_dir(settings), "float")
+    restore_float_weights(settings, float_model)
     folded = fold_batchnorms(float_model)
     rng = np.random.default_rng(settings.data.seed)
     n = min(len(arrays.x_train), settings.export.calibration_batches * settings.trainer.batch_size)

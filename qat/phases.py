@@ -23,8 +23,8 @@ from qat.distribute import is_chief, write_dir
 from qat.errors import CheckpointError, RunDirError, TrainingError
 from qat.files import write_json
 from qat.layers import batchnorm_layers
-from qat.models import build_model
 from qat.quantize import quantize_model
+from qat.sources import load_float_model
 
 CHECKPOINT_PREFIX = "ckpt"
 CONFIG_FILE = "config.json"
@@ -61,7 +61,18 @@ def float_checkpoint_dir(settings: QATConfig) -> str:
 
 # -- models ---------------------------------------------------------------------------------
 def build_float_model(settings: QATConfig, arrays: Arrays) -> tf_keras.Model:
-    return build_model(settings.model, arrays.input_shape, arrays.num_classes)
+    return load_float_model(settings.model, arrays.input_shape, arrays.num_classes)
+
+
+def restore_float_weights(settings: QATConfig, float_model: tf_keras.Model) -> None:
+    """The float checkpoint's weights; `model=file` without one starts from the file itself."""
+    directory = float_checkpoint_dir(settings)
+    has_checkpoint = os.path.isdir(directory) and tf.train.latest_checkpoint(directory)
+    if settings.model.name == "file" and not settings.quant.init_from and not has_checkpoint:
+        log.info("quant phase: no float checkpoint in %s, starting from %s", directory,
+                 settings.model.path)
+        return
+    restore_model(float_model, directory, "float")
 
 
 def restore_model(model: tf_keras.Model, directory: str, what: str) -> str:
@@ -210,7 +221,7 @@ def run_quant(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:
     arrays = arrays or load_arrays(settings.data)
     tf_keras.utils.set_random_seed(settings.trainer.seed)
     float_model = build_float_model(settings, arrays)
-    restore_model(float_model, float_checkpoint_dir(settings), "float")
+    restore_float_weights(settings, float_model)
     qmodel = build_quant_model(settings, float_model)
     extra = []
     if settings.quant.freeze_bn_after_steps is not None:

@@ -54,8 +54,34 @@ def _corrupt_copy(float_run, dest):
     return f"quant.init_from={dest / 'float'}"
 
 
+def _user_model(path, image_size=8, activation="relu_layer"):
+    """A user's saved float model (Keras BN) for the synthetic TINY data (8×8×1, 10 classes)."""
+    import tf_keras
+
+    inputs = tf_keras.Input((image_size, image_size, 1))
+    x = tf_keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    x = tf_keras.layers.BatchNormalization()(x)
+    x = (tf_keras.layers.ReLU() if activation == "relu_layer" else
+         tf_keras.layers.Activation(activation, name="user_act"))(x)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    tf_keras.Model(inputs, tf_keras.layers.Dense(10)(x)).save(path)
+    return f"model.path={path}"
+
+
 # name, arguments (a callable gets (tmp_path, float_run)), exit code, message
 CASES = [
+    ("unknown keras arch", ["model=keras", "model.arch=ResNet51"], 2,
+     "is not a tf_keras.applications model (did you mean"),
+    ("unimportable target", ["model=target", "model.target=nowhere.nets:build"], 2,
+     "cannot be imported"),
+    ("missing model file", ["model=file", "model.path=/nonexistent/user.keras"], 2,
+     "does not exist"),
+    ("model file of another input shape",
+     lambda tmp, fr: ["model=file", _user_model(tmp / "big.keras", image_size=12)], 2,
+     "the data is (8, 8, 1)"),
+    ("layer without a quantization rule",
+     lambda tmp, fr: ["phase=quant", "model=file", _user_model(tmp / "elu.h5", activation="elu")],
+     2, "layer user_act (Activation) has no quantization rule"),
     ("unknown key", ["trainer.epoch=3"], 1, "Key 'epoch' not in 'TrainerConfig'"),
     ("wrong type", ["trainer.epochs=two"], 1, "could not be converted to Integer"),
     ("bits out of range", ["quant.weight_bits=17"], 2, "quant.weight_bits=17 is out of range"),

@@ -64,3 +64,41 @@ def test_export_without_quant_checkpoint_fails_clearly(tmp_path):
     proc = run_cli("qat.export", f"run.dir={tmp_path}")
     assert proc.returncode == 2
     assert "no quant checkpoint" in proc.stderr and "phase=quant" in proc.stderr
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_quant_phase_fine_tunes_a_users_trained_keras_model(tmp_path, suffix):
+    """A float model trained elsewhere with plain Keras BN: `phase=quant model=file` needs no
+    float phase, and the int8 file it ships is as accurate as the user's float model."""
+    import tf_keras
+    from tf_keras import layers
+
+    from qat.config import DataConfig
+    from qat.data import load_arrays
+
+    arrays = load_arrays(DataConfig())
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input(arrays.input_shape)
+    x = inputs
+    for i, width in enumerate((16, 32)):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x))
+        x = layers.MaxPooling2D(name=f"pool{i}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    model = tf_keras.Model(inputs, layers.Dense(10, activation="softmax", name="probs")(x))
+    model.compile(tf_keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    model.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=10, verbose=0)
+    float_accuracy = model.evaluate(arrays.x_val, arrays.y_val, verbose=0)[1]
+    path = tmp_path / f"user{suffix}"
+    model.save(path)
+
+    run = tmp_path / "run"
+    proc = run_cli("qat.train", "phase=quant", "model=file", f"model.path={path}",
+                   f"run.dir={run}", "trainer.verbose=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (run / "float").exists()  # started from the file, no float phase
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert float_accuracy > 0.9
+    assert report["tflite_int8_accuracy"] >= float_accuracy - 0.01
+    assert report["int8_agreement"] >= 0.99
+    assert report["int8_float_tensors"] == []
