@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import tf_keras
 
 from qat.errors import ConfigError
 from qat.graph import copy_layer, flat_layers, rebuild, require_graph_network
-from qat.layers import QuantBatchNorm
+from qat.layers import QuantBatchNorm, ScalarArithmetic
 
 
 def _check_axis(layer: tf_keras.layers.BatchNormalization) -> None:
@@ -42,8 +43,103 @@ def _batchnorm_weights(layer: tf_keras.layers.BatchNormalization) -> dict:
     return {name: variable.numpy() for name, variable in values.items()}
 
 
+# Built-in activations TFLite fuses into the op (or that are no op): kept inside the layer.
+FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
+ARITHMETIC = {"__operators__.add": "add", "math.add": "add", "math.multiply": "multiply",
+              "__operators__.mul": "multiply", "__operators__.sub": "subtract",
+              "math.subtract": "subtract"}
+MERGE_LAYERS = {"add": tf_keras.layers.Add, "multiply": tf_keras.layers.Multiply,
+                "subtract": tf_keras.layers.Subtract}
+
+
+def _is_symbolic(value) -> bool:
+    return hasattr(value, "_keras_history")
+
+
+def _arithmetic(layer, op: str):
+    """`a + b` on Keras tensors (a TFOpLambda) as an Add/Multiply/Subtract layer, or with a
+    scalar constant as ScalarArithmetic: layers tfmot can wrap and qat has rules for."""
+    def call(a, b, name=None):
+        if _is_symbolic(a) and _is_symbolic(b):
+            return MERGE_LAYERS[op](name=layer.name)([a, b])
+        tensor, constant = (a, b) if _is_symbolic(a) else (b, a)
+        if np.ndim(constant) != 0:
+            raise ConfigError(f"layer {layer.name} (tf.{layer.get_config()['function']}) uses a "
+                              "non-scalar constant: qat supports scalars there; use a layer")
+        op_name = "subtract_from" if op == "subtract" and tensor is b else op
+        return ScalarArithmetic(op_name, float(constant), name=layer.name)(tensor)
+    return call
+
+
+def _split_activation(layer):
+    """A conv/dense with a built-in activation TFLite does not fuse (swish, sigmoid...) as the
+    linear layer + an Activation layer, so the tensor between them gets a range."""
+    config = layer.get_config()
+    activation = config["activation"]
+    config["activation"] = "linear"
+    linear = layer.__class__.from_config(config)
+    act = tf_keras.layers.Activation(activation, name=f"{layer.name}_{activation}")
+    return lambda *args, **kwargs: act(linear(*args, **kwargs))
+
+
+def _split_separable(layer):
+    """SeparableConv2D as DepthwiseConv2D + 1×1 Conv2D: TFLite runs the two ops anyway, and
+    the tensor between them needs a range (and each BN-free kernel its own per-channel grid)."""
+    config = layer.get_config()
+    depthwise = tf_keras.layers.DepthwiseConv2D(
+        config["kernel_size"], strides=config["strides"], padding=config["padding"],
+        depth_multiplier=config["depth_multiplier"], dilation_rate=config["dilation_rate"],
+        use_bias=False, name=f"{layer.name}_depthwise")
+    pointwise = tf_keras.layers.Conv2D(config["filters"], 1, use_bias=config["use_bias"],
+                                       activation=config["activation"], name=layer.name)
+    return lambda x, **kwargs: pointwise(depthwise(x))
+
+
+def _replacement(layer):
+    kind = type(layer).__name__
+    if isinstance(layer, tf_keras.layers.BatchNormalization):
+        return qat_batchnorm_from(layer)
+    if kind == "TFOpLambda":
+        function = layer.get_config()["function"]
+        if function in ARITHMETIC:
+            return _arithmetic(layer, ARITHMETIC[function])
+        if function in ("nn.relu", "nn.relu6"):
+            relu = tf_keras.layers.ReLU(6.0 if function == "nn.relu6" else None, name=layer.name)
+            return lambda x, **kwargs: relu(x)
+    if kind == "SeparableConv2D":
+        return _split_separable(layer)
+    if kind == "Normalization" and len(layer.input_spec.shape if layer.input_spec else []) != 2:
+        return tf_keras.layers.DepthwiseConv2D(1, use_bias=True, name=layer.name)
+    if kind in ("Conv2D", "DepthwiseConv2D", "Dense", "SeparableConv2D") and (
+            layer.get_config()["activation"] not in FUSED_ACTIVATIONS):
+        return _split_activation(layer)
+    return copy_layer(layer)
+
+
+def _copy_weights(layer, converted: tf_keras.Model) -> None:
+    kind = type(layer).__name__
+    if isinstance(layer, tf_keras.layers.BatchNormalization):
+        target = converted.get_layer(layer.name)
+        for name, value in _batchnorm_weights(layer).items():
+            getattr(target, name).assign(value)
+    elif kind == "SeparableConv2D":
+        depthwise, pointwise, *bias = layer.get_weights()
+        converted.get_layer(f"{layer.name}_depthwise").set_weights([depthwise])
+        converted.get_layer(layer.name).set_weights([pointwise, *bias])
+    elif kind == "Normalization":  # (x - mean) / max(sqrt(var), eps) as a 1×1 depthwise conv
+        std = np.maximum(np.sqrt(layer.variance.numpy()), tf_keras.backend.epsilon()).reshape(-1)
+        mean = np.broadcast_to(layer.mean.numpy().reshape(-1), std.shape)
+        converted.get_layer(layer.name).set_weights([(1.0 / std).reshape(1, 1, -1, 1),
+                                                    -mean / std])
+    elif layer.weights:
+        converted.get_layer(layer.name).set_weights(layer.get_weights())
+
+
 def convert_batchnorms(model: tf_keras.Model) -> tf_keras.Model:
-    """A flat functional copy of `model` with qat's BN in place of every Keras BN."""
+    """A flat functional copy of `model` that qat can quantize: qat's BN in place of every Keras
+    BN, and the few layers tfmot cannot wrap or TFLite computes in two ops rewritten as plain
+    layers (TFOpLambda arithmetic, SeparableConv2D, unfused built-in activations, Normalization).
+    Every rewrite computes the same function (tested)."""
     require_graph_network(model)
     layers = flat_layers(model)
     duplicates = [name for name, n in Counter(layer.name for layer in layers).items() if n > 1]
@@ -51,20 +147,8 @@ def convert_batchnorms(model: tf_keras.Model) -> tf_keras.Model:
         raise ConfigError(f"layer name {duplicates[0]!r} appears {len(duplicates)} time(s) in "
                           "nested models: qat flattens them into one graph, so rename the layers "
                           "(e.g. build each copy with a name prefix)")
-
-    def replace(layer):
-        if isinstance(layer, tf_keras.layers.BatchNormalization):
-            return qat_batchnorm_from(layer)
-        return copy_layer(layer)
-
-    converted = rebuild(model, replace)
+    converted = rebuild(model, _replacement)
     for layer in layers:
-        if isinstance(layer, tf_keras.layers.InputLayer):
-            continue
-        target = converted.get_layer(layer.name)
-        if isinstance(layer, tf_keras.layers.BatchNormalization):
-            for name, value in _batchnorm_weights(layer).items():
-                getattr(target, name).assign(value)
-        else:
-            target.set_weights(layer.get_weights())
+        if not isinstance(layer, tf_keras.layers.InputLayer):
+            _copy_weights(layer, converted)
     return converted

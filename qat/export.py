@@ -156,11 +156,14 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
 def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
     """Fold, export and evaluate the quant checkpoint of `settings.run.dir`; writes report.json."""
     arrays = arrays or load_arrays(settings.data)
-    qmodel = build_quant_model(settings, build_float_model(settings, arrays))
+    # One float model: a second build could name auto-named layers differently (Keras counts
+    # names per process), and export matches layers by name. quantize_model copies its weights.
+    float_model = build_float_model(settings, arrays)
+    qmodel = build_quant_model(settings, float_model)
     restore_model(qmodel, phase_dir(settings, "quant"), "quant")
     ptq = (lambda staging: _ptq_baseline(settings, arrays, staging)) if (
         settings.export.ptq) else None
-    report = export_quant_model(qmodel, build_float_model(settings, arrays), arrays.x_val,
+    report = export_quant_model(qmodel, float_model, arrays.x_val,
                                 arrays.y_val, os.path.join(settings.run.dir, "export"),
                                 settings.quant, settings.export, extra=ptq)
     _log_report(report, tb_dir(settings, "quant"))

@@ -16,7 +16,9 @@ import tf_keras
 
 from qat.errors import ConfigError
 
-Replace = Callable[[tf_keras.layers.Layer], "tf_keras.layers.Layer | None"]
+# The replacement of a layer: a layer (called like the original), any callable taking the
+# original call's arguments (to rewrite a layer into others), or None (drop: input passes on).
+Replace = Callable[[tf_keras.layers.Layer], "Callable | None"]
 
 
 def _keras_tensor(value) -> bool:
@@ -62,8 +64,9 @@ def rebuild(model: tf_keras.Model, replace: Replace, name: str | None = None) ->
     """One flat functional copy of `model` built from `replace(layer)` for every layer.
 
     `replace` returns the layer to call in its place (a fresh copy, a substitute, or the layer
-    itself to share it), or None to drop it (its first input passes through). Nested models are
-    inlined. Weights are whatever the returned layers hold: copy them after, by name.
+    itself to share it), a function of the original call's arguments that returns the outputs,
+    or None to drop it (its first input passes through). Nested models are inlined. Weights are
+    whatever the new layers hold: copy them after, by name.
     """
     require_graph_network(model)
     inputs = [tf_keras.Input(type_spec=t.type_spec, name=name)

@@ -209,6 +209,28 @@ class ChannelAffine(tf_keras.layers.Layer):
         return input_shape
 
 
+class ScalarArithmetic(tf_keras.layers.Layer):
+    """x + c, x * c, x - c or c - x with a Python scalar c: what keras.applications write as
+    `x + 3.0` (a TFOpLambda, which tfmot's wrapper cannot call). The int8 file computes it as
+    ADD / MUL / SUB with a constant operand."""
+
+    OPS = ("add", "multiply", "subtract", "subtract_from")
+
+    def __init__(self, op: str, value: float, **kwargs):
+        super().__init__(**kwargs)
+        if op not in self.OPS:
+            raise ValueError(f"op={op!r}: use one of {self.OPS}")
+        self.op, self.value = op, float(value)
+
+    def call(self, inputs):
+        c = tf.constant(self.value, inputs.dtype)
+        return {"add": lambda: inputs + c, "multiply": lambda: inputs * c,
+                "subtract": lambda: inputs - c, "subtract_from": lambda: c - inputs}[self.op]()
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "op": self.op, "value": self.value}
+
+
 def batchnorm_layers(model: tf_keras.Model) -> list[QuantBatchNorm]:
     """Every QuantBatchNorm in `model`, looking inside tfmot's wrappers."""
     found = []
@@ -228,4 +250,5 @@ def set_switches(model: tf_keras.Model, *, quantize: bool | None = None,
             layer.freeze_switch.assign(int(freeze))
 
 
-CUSTOM_OBJECTS = {"QuantBatchNorm": QuantBatchNorm, "ChannelAffine": ChannelAffine}
+CUSTOM_OBJECTS = {"QuantBatchNorm": QuantBatchNorm, "ChannelAffine": ChannelAffine,
+                  "ScalarArithmetic": ScalarArithmetic}

@@ -31,18 +31,22 @@ from qat.errors import ConfigError
 from qat.graph import consumers, producers
 from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
 from qat.quant_ops import fake_quant, fake_quant_activation
+from qat.rules import (
+    FUSES_RELU,
+    LAYER_RULES,
+    PASS,
+    RELU,
+    is_fusable_relu,
+    is_plain_relu,
+    known_kinds,
+    output_starts_at_zero,
+    rule_for,
+)
 
 tfq = tfmot.quantization.keras
-# Layers with a kernel: (kernel attribute, kernel quantizer kind). ChannelAffine is what an N×C
-# BN with nothing to fold into becomes in exported models: a 1×1 depthwise kernel.
-KERNELS = {"Conv2D": ("kernel", "per_channel"),
-           "DepthwiseConv2D": ("depthwise_kernel", "depthwise"),
-           "Dense": ("kernel", "per_tensor"),
-           "ChannelAffine": ("kernel", "depthwise")}
-LINEAR_KERNELS = {kind: attr for kind, (attr, _) in KERNELS.items() if kind != "ChannelAffine"}
-OUTPUT_QUANTIZED = ("ReLU", "Add", "GlobalAveragePooling2D", "AveragePooling2D", "Concatenate")
-FUSES_ACTIVATION = (*KERNELS, "QuantBatchNorm", "Add")  # TFLite ops with a fused ReLU
-PASS_THROUGH = ("MaxPooling2D", "Flatten", "Reshape", "Dropout")  # int8 in, same int8 out
+# A BN directly after one of these (with a linear activation) folds into it.
+LINEAR_KERNELS = {kind: LAYER_RULES[kind].kernel[0] for kind in
+                  ("Conv2D", "DepthwiseConv2D", "Dense")}
 # Quantizer range variables start where tfmot starts them; the first batch overwrites them.
 INITIAL_RANGE = 6.0
 FOLD_SCALE_FLOOR = 1e-8  # |gamma/sigma| below this would blow up W*s/s; treat as this small
@@ -196,15 +200,6 @@ class FusedReLU(tf_keras.layers.Layer):
         return inputs
 
 
-def _is_plain_relu(layer) -> bool:
-    """max(x, 0) exactly: no leak, threshold or cap, so a range pinned at 0 computes it."""
-    if type(layer).__name__ != "ReLU":
-        return False
-    config = layer.get_config()
-    return not config["negative_slope"] and not config["threshold"] and (
-        config["max_value"] is None)
-
-
 # -- quantize configs -------------------------------------------------------------------------
 class LayerQuantizeConfig(tfq.QuantizeConfig):
     """One config for every layer kind: an optional kernel quantizer, an optional output one.
@@ -332,17 +327,6 @@ def folding_pairs(model: tf_keras.Model) -> dict[str, str]:
     return pairs
 
 
-def _is_fusable_activation(layer) -> bool:
-    """An activation TFLite fuses into the op before it (RELU, RELU6): that op's int8 output
-    range computes it, so nothing is quantized between the two. Leaky or thresholded ReLUs are
-    ops of their own (LEAKY_RELU, ...) and need their input on an int8 grid."""
-    if type(layer).__name__ != "ReLU":
-        return False
-    config = layer.get_config()
-    return not config["negative_slope"] and not config["threshold"] and (
-        config["max_value"] is None or float(config["max_value"]) == 6.0)
-
-
 def fuses_into(producer, consumer, pairs: dict[str, str]) -> bool:
     """True when `producer`'s output is no tensor of the int8 graph: it feeds only `consumer`,
     which the converter merges into it (a BN folded into its conv, or a fusable ReLU)."""
@@ -350,34 +334,42 @@ def fuses_into(producer, consumer, pairs: dict[str, str]) -> bool:
         return False
     if isinstance(consumer, QuantBatchNorm):
         return pairs.get(consumer.name) == producer.name
-    return _is_fusable_activation(consumer) and type(producer).__name__ in FUSES_ACTIVATION
+    return is_fusable_relu(consumer) and type(producer).__name__ in FUSES_RELU
 
 
 def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuantizeConfig:
-    """The declarative part: which layer kind gets which quantizers, given its neighbours."""
-    kind = type(layer).__name__
+    """Which quantizers a layer gets: its rule (qat.rules), given its neighbours."""
+    rule = rule_for(layer)
+    if rule is None:
+        raise ConfigError(f"layer {layer.name} ({_describe(layer)}) has no quantization rule: "
+                          f"qat quantizes {', '.join(known_kinds())}")
+    if rule.output == PASS:
+        return LayerQuantizeConfig()
     outbound = consumers(layer)
     fused_into_next = len(outbound) == 1 and fuses_into(layer, outbound[0], pairs)
     common = {"output_bits": None if fused_into_next else cfg.activation_bits,
               "ema_decay": cfg.activation_ema_decay}
-    if kind in KERNELS:
-        folded_bn = next((bn for bn, linear in pairs.items() if linear == layer.name), None)
-        attr, kernel = KERNELS[kind]
-        # A per-tensor grid does not survive folding (per-channel BN scales break it, tfmot
-        # #438), so a dense kernel followed by BN is quantized folded in either mode.
-        if folded_bn and (cfg.bn == "fold" or kernel == "per_tensor"):
-            kernel = {"per_channel": "folded", "depthwise": "folded_depthwise",
-                      "per_tensor": "folded_per_tensor"}[kernel]
-        return LayerQuantizeConfig(attr, kernel, cfg.weight_bits, bn_name=folded_bn, **common)
-    if kind in OUTPUT_QUANTIZED or kind == "QuantBatchNorm":
-        if kind == "ReLU":
-            leaky = bool(layer.get_config()["negative_slope"])
-            common.update(output_bits=cfg.activation_bits, relu=not leaky)
+    if rule.output == RELU or type(layer).__name__ == "ReLU":
+        common.update(output_bits=cfg.activation_bits, relu=output_starts_at_zero(layer))
+    if rule.kernel is None:
         return LayerQuantizeConfig(**common)
-    if kind in PASS_THROUGH:
-        return LayerQuantizeConfig()
-    raise ConfigError(f"layer {layer.name} ({kind}) has no quantization rule: build models "
-                      f"from {sorted({*KERNELS, *OUTPUT_QUANTIZED, *PASS_THROUGH})}")
+    attr, kernel = rule.kernel
+    folded_bn = next((bn for bn, linear in pairs.items() if linear == layer.name), None)
+    # A per-tensor grid does not survive folding (per-channel BN scales break it, tfmot #438),
+    # so a dense kernel followed by BN is quantized folded in either mode.
+    if folded_bn and (cfg.bn == "fold" or kernel == "per_tensor"):
+        kernel = {"per_channel": "folded", "depthwise": "folded_depthwise",
+                  "per_tensor": "folded_per_tensor"}[kernel]
+    return LayerQuantizeConfig(attr, kernel, cfg.weight_bits, bn_name=folded_bn, **common)
+
+
+def _describe(layer) -> str:
+    kind = type(layer).__name__
+    if kind == "Activation":
+        return f"Activation {layer.get_config()['activation']!r}"
+    if kind == "TFOpLambda":
+        return f"TFOpLambda tf.{layer.get_config()['function']}"
+    return kind
 
 
 def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
@@ -403,7 +395,7 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
                     f"{type(producer).__name__} in qat.quantize or leave it out of the model")
         config = configs[layer.name]
         has_range[layer.name] = config.output_bits is not None or (
-            type(layer).__name__ in PASS_THROUGH and all(
+            rule_for(layer).output == PASS and all(
                 has_range[p.name] for p in producers(layer)))
 
 
@@ -433,10 +425,12 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
                     "bn_format": cfg.bn_format, "bn_variance": cfg.bn_variance}
 
     def annotate(layer):
+        if type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda"):  # PASS ops, e.g. tf.reshape:
+            return layer.__class__.from_config(layer.get_config())  # tfmot cannot wrap these
         config = layer.get_config()
         if isinstance(layer, QuantBatchNorm):
             config.update(bn_overrides)
-        clone = FusedReLU(name=layer.name) if _is_plain_relu(layer) else (
+        clone = FusedReLU(name=layer.name) if is_plain_relu(layer) else (
             layer.__class__.from_config(config))
         return tfq.quantize_annotate_layer(clone, configs[layer.name])
 

@@ -111,10 +111,6 @@ def test_converted_models_quantize_and_fold(builder):
     set_switches(converted, quantize=True)
     folded = fold_batchnorms(converted)
     parity(converted, folded, _x(), tolerance=1e-4)
-    if builder is keras_functional:  # Activation and TFOpLambda rules are not there yet
-        with pytest.raises(ConfigError, match=r"layer act \(Activation\) has no quantization rule"):
-            quantize_model(converted, QuantConfig())
-        return
     quantize_model(converted, QuantConfig())
 
 
@@ -150,3 +146,33 @@ def test_duplicate_layer_names_across_nested_models_are_refused():
     model = tf_keras.Model(inputs, block()(block()(inputs)))
     with pytest.raises(ConfigError, match="'same' appears"):
         convert_batchnorms(model)
+
+
+def rewritten_layers():
+    """Layers tfmot cannot wrap or TFLite splits: TFOpLambda arithmetic (tensor and scalar),
+    SeparableConv2D, a conv with swish built in, Normalization, a nested Sequential."""
+    inputs = tf_keras.Input((8, 8, 3))
+    norm = layers.Normalization(mean=[0.5, 0.2, -0.1], variance=[2.0, 0.5, 1.5], name="norm")
+    x = norm(inputs)
+    x = layers.SeparableConv2D(6, 3, padding="same", name="sep")(x)
+    y = layers.Conv2D(6, 1, activation="swish", name="conv_swish")(x)
+    x = tf.nn.relu6(x + 3.0) * (1.0 / 6.0)  # MobileNetV3's hard-sigmoid
+    x = 2.0 - x * y
+    block = tf_keras.Sequential([layers.Conv2D(4, 1, name="inner_conv"),
+                                 layers.BatchNormalization(name="inner_bn")], name="block")
+    x = layers.GlobalAveragePooling2D(name="gap")(block(x))
+    return tf_keras.Model(inputs, layers.Dense(3, name="logits")(x))
+
+
+def test_rewrites_compute_the_same_function_and_quantize():
+    model = _randomize_batchnorms(rewritten_layers())
+    converted = convert_batchnorms(model)
+    kinds = {type(layer).__name__ for layer in converted.layers}
+    assert not kinds & {"TFOpLambda", "SeparableConv2D", "Normalization", "Sequential"}
+    assert converted.get_layer("conv_swish").get_config()["activation"] == "linear"
+    assert converted.get_layer("conv_swish_swish").get_config()["activation"] == "swish"
+    assert type(converted.get_layer("sep_depthwise")).__name__ == "DepthwiseConv2D"
+    x = _x()
+    np.testing.assert_allclose(converted(x, training=False).numpy(),
+                               model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    quantize_model(converted, QuantConfig())
