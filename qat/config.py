@@ -155,6 +155,15 @@ class TrainerConfig:
 
 
 @dataclass
+class LayerOverride:
+    """quant.layers.PATTERN: settings for the layers whose name matches PATTERN (fnmatch)."""
+
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+    skip: bool = False  # leave in float (the int8 file then needs export.allow_float_ops=true)
+
+
+@dataclass
 class QuantConfig:
     weight_bits: int = 8
     activation_bits: int = 8
@@ -170,6 +179,8 @@ class QuantConfig:
     bn_variance: str = "inv_std"  # bn_target=params: quantize 1/sqrt(var+eps), or var itself
     freeze_bn_after_steps: int | None = None  # quant-phase steps; null: never freeze
     activation_ema_decay: float = 0.99  # tfmot hard-codes 0.999: too slow for short fine-tunes
+    # Per-layer precision: {name pattern: LayerOverride}; later patterns override earlier ones.
+    layers: dict[str, LayerOverride] = field(default_factory=dict)
     init_from: str | None = None  # float checkpoint dir; null: <run.dir>/float
     epochs: int = 3
     learning_rate: float = 5e-4  # fine-tuning: a fraction of the float phase's rate
@@ -189,6 +200,10 @@ class QuantConfig:
                  f"quant.freeze_bn_after_steps={self.freeze_bn_after_steps} must be >= 0 or null")
         _require(0.0 <= self.activation_ema_decay < 1.0,
                  f"quant.activation_ema_decay={self.activation_ema_decay} must be in [0, 1)")
+        for pattern, override in self.layers.items():
+            for kind in ("weight_bits", "activation_bits"):
+                if getattr(override, kind) is not None:
+                    _check_bits(f"quant.layers.{pattern}.{kind}", getattr(override, kind))
         _require(self.epochs >= 1, f"quant.epochs={self.epochs} must be >= 1")
         _require(self.learning_rate > 0, f"quant.learning_rate={self.learning_rate} must be > 0")
 

@@ -23,12 +23,13 @@ from qat.distribute import is_chief, write_dir
 from qat.errors import CheckpointError, RunDirError, TrainingError
 from qat.files import write_json
 from qat.layers import batchnorm_layers
-from qat.quantize import quantize_model
+from qat.quantize import quantization_plan, quantize_model
 from qat.sources import load_float_model
 
 CHECKPOINT_PREFIX = "ckpt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+PLAN_FILE = "plan.json"  # quant phase: every layer's quantizers, bits and BN handling
 CHECKPOINTS_KEPT = 3
 BACKUP_DIR = "backup"  # BackupAndRestore's state for resuming an interrupted phase
 # What an interrupted phase must be resumed with: the settings that shape the training itself
@@ -124,8 +125,10 @@ def _ensure_writable(directory: str) -> None:
 
 
 def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str, *, epochs: int,
-         learning_rate: float, extra_callbacks: list | None = None) -> dict:
-    """Compile and `fit` with qat's callbacks; an interrupted phase resumes from its backup."""
+         learning_rate: float, extra_callbacks: list | None = None,
+         files: dict | None = None) -> dict:
+    """Compile and `fit` with qat's callbacks; an interrupted phase resumes from its backup.
+    `files`: {name: JSON-able}, written into the phase dir with its config."""
     trainer = settings.trainer
     chief = is_chief()
     directory, tb = phase_dir(settings, phase), tb_dir(settings, phase)
@@ -137,6 +140,8 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
         if os.path.isdir(backup):
             log.info("%s phase: resuming the interrupted run from %s", phase, backup)
         write_json(os.path.join(directory, CONFIG_FILE), settings_to_dict(settings))
+        for name, content in (files or {}).items():
+            write_json(os.path.join(directory, name), content)
 
     model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate),
                   loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -227,7 +232,9 @@ def run_quant(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:
     if settings.quant.freeze_bn_after_steps is not None:
         extra.append(qcb.FreezeBatchNormAfter(batchnorm_layers(qmodel),
                                               settings.quant.freeze_bn_after_steps))
+    plan = {"layers": quantization_plan(float_model, settings.quant)}
     metrics = _fit(qmodel, arrays, settings, "quant", epochs=settings.quant.epochs,
-                   learning_rate=settings.quant.learning_rate, extra_callbacks=extra)
+                   learning_rate=settings.quant.learning_rate, extra_callbacks=extra,
+                   files={PLAN_FILE: plan})
     return PhaseResult(metrics, qmodel)
 

@@ -16,6 +16,7 @@ Placement follows what the int8 file will compute (TFLite fuses conv+BN+ReLU int
 
 from __future__ import annotations
 
+import fnmatch
 import weakref
 
 import tensorflow as tf
@@ -26,7 +27,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
     QuantizeLayer,  # not exported by tfmot's public API, but what its own input transform adds
 )
 
-from qat.config import QuantConfig
+from qat.config import LayerOverride, QuantConfig
 from qat.errors import ConfigError
 from qat.graph import consumers, producers
 from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
@@ -337,20 +338,27 @@ def fuses_into(producer, consumer, pairs: dict[str, str]) -> bool:
     return is_fusable_relu(consumer) and type(producer).__name__ in FUSES_RELU
 
 
-def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuantizeConfig:
-    """Which quantizers a layer gets: its rule (qat.rules), given its neighbours."""
+def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
+                  override: LayerOverride | None = None) -> LayerQuantizeConfig:
+    """Which quantizers a layer gets: its rule (qat.rules), given its neighbours and any
+    `quant.layers` override."""
+    override = override or LayerOverride()
     rule = rule_for(layer)
+    if override.skip:
+        return LayerQuantizeConfig()
     if rule is None:
         raise ConfigError(f"layer {layer.name} ({_describe(layer)}) has no quantization rule: "
-                          f"qat quantizes {', '.join(known_kinds())}")
+                          f"leave it in float with quant.layers.{layer.name}.skip=true, or "
+                          f"build it from {', '.join(known_kinds())}")
     if rule.output == PASS:
         return LayerQuantizeConfig()
+    activation_bits = override.activation_bits or cfg.activation_bits
     outbound = consumers(layer)
     fused_into_next = len(outbound) == 1 and fuses_into(layer, outbound[0], pairs)
-    common = {"output_bits": None if fused_into_next else cfg.activation_bits,
+    common = {"output_bits": None if fused_into_next else activation_bits,
               "ema_decay": cfg.activation_ema_decay}
     if rule.output == RELU or type(layer).__name__ == "ReLU":
-        common.update(output_bits=cfg.activation_bits, relu=output_starts_at_zero(layer))
+        common.update(output_bits=activation_bits, relu=output_starts_at_zero(layer))
     if rule.kernel is None:
         return LayerQuantizeConfig(**common)
     attr, kernel = rule.kernel
@@ -360,7 +368,8 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig) -> LayerQuanti
     if folded_bn and (cfg.bn == "fold" or kernel == "per_tensor"):
         kernel = {"per_channel": "folded", "depthwise": "folded_depthwise",
                   "per_tensor": "folded_per_tensor"}[kernel]
-    return LayerQuantizeConfig(attr, kernel, cfg.weight_bits, bn_name=folded_bn, **common)
+    return LayerQuantizeConfig(attr, kernel, override.weight_bits or cfg.weight_bits,
+                               bn_name=folded_bn, **common)
 
 
 def _describe(layer) -> str:
@@ -373,13 +382,14 @@ def _describe(layer) -> str:
 
 
 def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
-               pairs: dict[str, str]) -> None:
+               pairs: dict[str, str], skipped: frozenset[str] = frozenset()) -> None:
     """Every tensor the int8 graph will have must get a range in the QAT model.
 
     Walks the graph once: a layer's output has a range if it is quantized, or passes an input
     that has one through unchanged (pooling, reshape). Every input a layer reads must have a
     range, unless the producer fuses into it. Fails before training, naming the first gap,
-    instead of failing at export after the whole quant phase.
+    instead of failing at export after the whole quant phase. Layers the user `skipped` are
+    float by choice: their inputs and outputs are not checked.
     """
     has_range: dict[str, bool] = {}
     for layer in model.layers:
@@ -387,7 +397,8 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
             has_range[layer.name] = True  # the input quantizer
             continue
         for producer in producers(layer):
-            if not (has_range[producer.name] or fuses_into(producer, layer, pairs)):
+            if not (has_range[producer.name] or fuses_into(producer, layer, pairs)
+                    or producer.name in skipped or layer.name in skipped):
                 raise ConfigError(
                     f"layer {layer.name} ({type(layer).__name__}) reads {producer.name} "
                     f"({type(producer).__name__}), whose output has no quantization range: the "
@@ -395,8 +406,79 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
                     f"{type(producer).__name__} in qat.quantize or leave it out of the model")
         config = configs[layer.name]
         has_range[layer.name] = config.output_bits is not None or (
-            rule_for(layer).output == PASS and all(
+            getattr(rule_for(layer), "output", None) == PASS and all(
                 has_range[p.name] for p in producers(layer)))
+
+
+# -- the plan --------------------------------------------------------------------------------
+def layer_overrides(model: tf_keras.Model, cfg: QuantConfig) -> dict[str, LayerOverride]:
+    """`quant.layers` resolved per layer name; a pattern that matches no layer is an error."""
+    resolved: dict[str, LayerOverride] = {}
+    names = [layer.name for layer in model.layers
+             if not isinstance(layer, tf_keras.layers.InputLayer)]
+    for pattern, override in cfg.layers.items():
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise ConfigError(f"quant.layers pattern {pattern!r} matches no layer of "
+                              f"{model.name} (layers are named like {', '.join(names[:3])}, ...)")
+        for name in matched:
+            current = resolved.get(name, LayerOverride())
+            resolved[name] = LayerOverride(
+                weight_bits=override.weight_bits or current.weight_bits,
+                activation_bits=override.activation_bits or current.activation_bits,
+                skip=override.skip or current.skip)
+    return resolved
+
+
+def plan_layers(model: tf_keras.Model, cfg: QuantConfig):
+    """(folding pairs, {layer: LayerQuantizeConfig}, skipped names), checked (`check_plan`)."""
+    pairs = folding_pairs(model)
+    overrides = layer_overrides(model, cfg)
+    configs = {layer.name: _layer_config(layer, pairs, cfg, overrides.get(layer.name))
+               for layer in model.layers if not isinstance(layer, tf_keras.layers.InputLayer)}
+    skipped = frozenset(name for name, o in overrides.items() if o.skip)
+    check_plan(model, configs, pairs, skipped)
+    return pairs, configs, skipped
+
+
+def quantization_plan(model: tf_keras.Model, cfg: QuantConfig) -> list[dict]:
+    """Every layer, its kernel and output quantizer, bits and BN handling: `quant/plan.json`."""
+    pairs, configs, skipped = plan_layers(model, cfg)
+    folds_into = {linear: bn for bn, linear in pairs.items()}
+    plan = []
+    for layer in model.layers:
+        if isinstance(layer, tf_keras.layers.InputLayer):
+            plan.append({"layer": layer.name, "type": "InputLayer",
+                         "output": f"int8 range ({cfg.activation_bits} bits)"})
+            continue
+        config, outbound = configs[layer.name], consumers(layer)
+        if layer.name in skipped:
+            output = "float (quant.layers skip)"
+        elif config.output_bits is not None:
+            output = f"int8 range ({config.output_bits} bits{', from 0' if config.relu else ''})"
+        elif len(outbound) == 1 and fuses_into(layer, outbound[0], pairs):
+            output = f"fused into {outbound[0].name}"
+        else:
+            output = "its input's range"
+        entry = {"layer": layer.name, "type": _describe(layer), "output": output}
+        if config.kernel is not None:
+            entry.update(kernel=config.kernel, weight_bits=config.weight_bits)
+        if layer.name in folds_into:
+            entry["bn"] = f"{folds_into[layer.name]} folded in"
+        if isinstance(layer, QuantBatchNorm):
+            entry["bn"] = _bn_handling(layer.name, pairs, skipped, cfg)
+        plan.append(entry)
+    return plan
+
+
+def _bn_handling(name: str, pairs: dict[str, str], skipped: frozenset[str],
+                 cfg: QuantConfig) -> str:
+    if name in skipped:
+        return "float parameters (quant.layers skip)"
+    where = f"folded into {pairs[name]}" if name in pairs else "a per-channel multiply-add"
+    if cfg.bn == "fold" and name in pairs:
+        return f"{where}; float parameters, quantized inside the folded kernel"
+    return f"{where}; {cfg.bn_target} quantized, {cfg.bn_format} format, {cfg.bn_bits} bits"
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -417,10 +499,7 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
     their quantization); every other BN fake-quantizes its parameters (`cfg.bn_target`). The plan
     is checked first (`check_plan`): a model the int8 file could not compute fails here.
     """
-    pairs = folding_pairs(model)
-    configs = {layer.name: _layer_config(layer, pairs, cfg) for layer in model.layers
-               if not isinstance(layer, tf_keras.layers.InputLayer)}
-    check_plan(model, configs, pairs)
+    pairs, configs, skipped = plan_layers(model, cfg)
     bn_overrides = {"bn_bits": cfg.bn_bits, "bn_target": cfg.bn_target,
                     "bn_format": cfg.bn_format, "bn_variance": cfg.bn_variance}
 
@@ -444,7 +523,7 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
     for name, wrapper in wrappers.items():
         if not isinstance(wrapper.layer, QuantBatchNorm):
             continue
-        folded_by_kernel = cfg.bn == "fold" and name in pairs
-        wrapper.layer.quant_switch.assign(0 if folded_by_kernel else 1)
+        float_params = (cfg.bn == "fold" and name in pairs) or name in skipped
+        wrapper.layer.quant_switch.assign(0 if float_params else 1)
         wrapper.layer.freeze_switch.assign(0)
     return qmodel

@@ -261,3 +261,55 @@ def test_quant_model_survives_save_and_load(tmp_path, mode, suffix):
     np.testing.assert_allclose(loaded(x, training=False).numpy(), want, rtol=1e-5, atol=1e-5)
     quantizer = _wrappers(loaded)["fc_dense"].quantize_config.kernel_quantizer
     assert quantizer.bn is _wrappers(loaded)["fc_bn"].layer
+
+
+def test_per_layer_precision_and_the_written_plan():
+    from qat.config import LayerOverride
+    from qat.quantize import quantization_plan
+
+    model = build_model(ModelConfig(name="resnet", width=4), (8, 8, 1), 10)
+    cfg = QuantConfig(weight_bits=4, activation_bits=6, layers={
+        "stem_*": LayerOverride(weight_bits=8, activation_bits=8),  # first conv at 8 bits
+        "logits": LayerOverride(weight_bits=8),
+        "res2_add": LayerOverride(skip=True)})
+    wrappers = _wrappers(quantize_model(model, cfg))
+    assert wrappers["stem_conv"]._weight_vars[0][1].num_bits == 8
+    assert wrappers["stem_relu"]._output_quantizers[0].num_bits == 8
+    assert wrappers["res1a_conv"]._weight_vars[0][1].num_bits == 4
+    assert wrappers["res1_relu"]._output_quantizers[0].num_bits == 6
+    assert wrappers["logits"]._weight_vars[0][1].num_bits == 8
+    assert not wrappers["res2_add"]._output_quantizers
+    plan = {entry["layer"]: entry for entry in quantization_plan(model, cfg)}
+    assert set(plan) == {layer.name for layer in model.layers}
+    assert plan["stem_conv"] == {"layer": "stem_conv", "type": "Conv2D",
+                                 "output": "fused into stem_bn", "kernel": "per_channel",
+                                 "weight_bits": 8, "bn": "stem_bn folded in"}
+    assert plan["stem_bn"]["bn"].startswith("folded into stem_conv; affine quantized")
+    assert plan["res1b_bn"]["output"] == "int8 range (6 bits)"
+    assert plan["res2_add"]["output"] == "float (quant.layers skip)"
+    assert plan["pool"]["output"] == "int8 range (6 bits)"
+
+
+def test_a_layers_pattern_that_matches_nothing_is_refused():
+    from qat.config import LayerOverride
+    from qat.errors import ConfigError
+
+    model = build_model(ModelConfig(width=4), (8, 8, 1), 10)
+    with pytest.raises(ConfigError, match=r"quant.layers pattern 'conv_\*' matches no layer"):
+        quantize_model(model, QuantConfig(layers={"conv_*": LayerOverride(weight_bits=8)}))
+
+
+def test_a_layer_without_rule_can_be_left_in_float():
+    from qat.config import LayerOverride
+    from qat.errors import ConfigError
+
+    inputs = tf_keras.Input((4, 4, 2))
+    x = tf_keras.layers.Conv2D(3, 1, name="conv")(inputs)
+    x = tf_keras.layers.LayerNormalization(name="ln")(x)
+    model = tf_keras.Model(inputs, tf_keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    with pytest.raises(ConfigError, match=r"ln \(LayerNormalization\) has no quantization rule: "
+                                          r"leave it in float with quant.layers.ln.skip=true"):
+        quantize_model(model, QuantConfig())
+    wrappers = _wrappers(quantize_model(model, QuantConfig(layers={"ln": LayerOverride(
+        skip=True)})))
+    assert not wrappers["ln"]._output_quantizers and wrappers["conv"]._output_quantizers
