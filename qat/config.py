@@ -163,6 +163,16 @@ class LayerOverride:
     skip: bool = False  # leave in float (the int8 file then needs export.allow_float_ops=true)
 
 
+def _layer_override(pattern: str, value) -> LayerOverride:
+    if isinstance(value, LayerOverride):
+        return value
+    known = set(LayerOverride.__dataclass_fields__)
+    if not isinstance(value, dict) or set(value) - known:
+        raise ConfigError(f"quant.layers.{pattern}={value} is not a layer override: use keys "
+                          f"{sorted(known)}, e.g. quant.layers={{{pattern}:{{weight_bits:8}}}}")
+    return LayerOverride(**value)
+
+
 @dataclass
 class QuantConfig:
     weight_bits: int = 8
@@ -180,7 +190,8 @@ class QuantConfig:
     freeze_bn_after_steps: int | None = None  # quant-phase steps; null: never freeze
     activation_ema_decay: float = 0.99  # tfmot hard-codes 0.999: too slow for short fine-tunes
     # Per-layer precision: {name pattern: LayerOverride}; later patterns override earlier ones.
-    layers: dict[str, LayerOverride] = field(default_factory=dict)
+    # (Typed as Any for Hydra: `quant.layers={conv1:{weight_bits:8}}` assigns plain dicts.)
+    layers: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # float checkpoint dir; null: <run.dir>/float
     epochs: int = 3
     learning_rate: float = 5e-4  # fine-tuning: a fraction of the float phase's rate
@@ -200,6 +211,8 @@ class QuantConfig:
                  f"quant.freeze_bn_after_steps={self.freeze_bn_after_steps} must be >= 0 or null")
         _require(0.0 <= self.activation_ema_decay < 1.0,
                  f"quant.activation_ema_decay={self.activation_ema_decay} must be in [0, 1)")
+        self.layers = {pattern: _layer_override(pattern, value)
+                       for pattern, value in self.layers.items()}
         for pattern, override in self.layers.items():
             for kind in ("weight_bits", "activation_bits"):
                 if getattr(override, kind) is not None:
