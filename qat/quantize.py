@@ -492,13 +492,14 @@ def quantize_scope():
     })
 
 
-def quantize_model(model: tf_keras.Model, cfg: QuantConfig) -> tf_keras.Model:
+def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None) -> tf_keras.Model:
     """tfmot-quantized copy of `model` (weights copied) with qat's BN switched on per `cfg.bn`.
 
     BNs that fold into a kernel in `fold` mode keep float parameters (the kernel quantizer carries
     their quantization); every other BN fake-quantizes its parameters (`cfg.bn_target`). The plan
     is checked first (`check_plan`): a model the int8 file could not compute fails here.
     """
+    cfg = cfg or QuantConfig()
     pairs, configs, skipped = plan_layers(model, cfg)
     bn_overrides = {"bn_bits": cfg.bn_bits, "bn_target": cfg.bn_target,
                     "bn_format": cfg.bn_format, "bn_variance": cfg.bn_variance}

@@ -109,7 +109,7 @@ def _check_fits_data(model: tf_keras.Model, input_shape: tuple[int, ...],
                           f"data has {num_classes}")
 
 
-def _logits(model: tf_keras.Model) -> tf_keras.Model:
+def as_logits(model: tf_keras.Model) -> tf_keras.Model:
     """The same model with a final softmax removed (the layer, or a layer's activation)."""
     last = model.layers[-1]
     activation = getattr(last, "activation", None)
@@ -146,5 +146,5 @@ def load_float_model(cfg: ModelConfig, input_shape: tuple[int, ...],
     else:
         model = saved_model_file(cfg)
     _check_fits_data(model, input_shape, num_classes)
-    return convert_batchnorms(_logits(model))
+    return convert_batchnorms(as_logits(model))
 

@@ -1,0 +1,41 @@
+"""Python API for people with their own training loop or notebook.
+
+    import qat
+    model = qat.prepare(keras_model)                        # qat's BN, flat graph, logits out
+    qmodel = qat.quantize_model(model, qat.QuantConfig())   # fake-quantized, BN switched on
+    qmodel.compile(...); qmodel.fit(...)                    # any Keras recipe
+    report = qat.export_model(qmodel, model, x_val, y_val, "out")  # int8 file, evaluated
+
+The same functions the CLI runs (`qat.sources`, `qat.quantize`, `qat.export`); the settings are
+the CLI's dataclasses, so every `quant.*` / `export.*` key is available here too.
+(`qat.quantize_model` is `qat.quantize.quantize_model`: `settings` default to QuantConfig().)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tf_keras
+
+from qat.config import ExportConfig, QuantConfig
+from qat.convert import convert_batchnorms
+from qat.export import export_quant_model
+from qat.quantize import quantize_scope
+from qat.sources import as_logits
+
+
+def prepare(model: tf_keras.Model) -> tf_keras.Model:
+    """A float model qat can quantize: Keras BN → qat's BN (weights carried, same outputs),
+    nested models inlined, a final softmax dropped (logits out). The input is left untouched."""
+    return convert_batchnorms(as_logits(model))
+
+
+def export_model(qmodel: tf_keras.Model, model: tf_keras.Model, x: np.ndarray, y: np.ndarray,
+           out_dir: str, settings: QuantConfig | None = None,
+           export_settings: ExportConfig | None = None) -> dict:
+    """Fold, write SavedModel + float/int8 TFLite + report.json to `out_dir`, evaluate the files
+    on (x, y). `model`: the prepared float model `qmodel` came from (left untouched); `settings`:
+    the QuantConfig `qmodel` was made with."""
+    float_model = tf_keras.models.clone_model(model)  # same layer names, fresh weights
+    with quantize_scope():
+        return export_quant_model(qmodel, float_model, x, y, out_dir, settings or QuantConfig(),
+                                  export_settings or ExportConfig())

@@ -1,0 +1,49 @@
+"""The README's Python API example, run as written on a small user model and the digits data."""
+
+import re
+from pathlib import Path
+
+import pytest
+import tf_keras
+from tf_keras import layers
+
+from qat.config import DataConfig
+from qat.data import load_arrays
+
+pytestmark = pytest.mark.slow
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _example() -> str:
+    match = re.search(r"<!-- api-example -->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert match, "README lost its API example"
+    return match.group(1)
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
+    arrays = load_arrays(DataConfig())
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input(arrays.input_shape)
+    x = inputs
+    for width in (16, 32):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.Activation("relu")(layers.BatchNormalization(momentum=0.9)(x))
+        x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    keras_model = tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
+    keras_model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+    keras_model.fit(arrays.x_train, arrays.y_train, epochs=10, verbose=0)
+    float_accuracy = keras_model.evaluate(arrays.x_val, arrays.y_val, verbose=0)[1]
+    before = [w.copy() for w in keras_model.get_weights()]
+
+    monkeypatch.chdir(tmp_path)
+    scope = {"keras_model": keras_model, "x_train": arrays.x_train, "y_train": arrays.y_train,
+             "x_val": arrays.x_val, "y_val": arrays.y_val}
+    exec(compile(_example(), "README.md", "exec"), scope)  # noqa: S102 - our own README
+    report = scope["report"]
+    assert (tmp_path / "exported" / "model_int8.tflite").is_file()
+    assert report["int8_float_ops"] == [] and report["int8_agreement"] >= 0.99
+    assert float_accuracy > 0.8 and report["tflite_int8_accuracy"] >= float_accuracy - 0.02
+    assert str(report["tflite_int8_accuracy"]) in capsys.readouterr().out
+    after = keras_model.get_weights()
+    assert all((a == b).all() for a, b in zip(before, after, strict=True))  # left untouched
