@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint bench tensorboard experiments clean
+.PHONY: help install train test lint bench tensorboard experiments coverage clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,3 +47,6 @@ experiments: $(STAMP) ## float/PTQ/QAT (params, fold) x w8/w4 for every model ->
 	done
 	$(PY) -m qat.report $(addprefix runs/exp_,$(EXPERIMENT_MODELS)) \
 	  --out experiments/RESULTS.md --plot experiments/results.png
+
+coverage: $(STAMP) ## keras.applications through qat and tfmot -> experiments/COVERAGE.md (slow)
+	$(PY) -m qat.coverage --out experiments/COVERAGE.md $(ARGS)
