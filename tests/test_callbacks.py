@@ -30,14 +30,17 @@ def test_freeze_after_steps_stops_moving_statistics_mid_fit():
 
     class Record(tf_keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            seen.append(bns[0].moving_mean.numpy().copy())
+            seen.append([(bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy())
+                         for bn in bns])
 
     qmodel.fit(x, y, batch_size=8, epochs=1, verbose=0,
                callbacks=[FreezeBatchNormAfter(bns, after_steps=3), Record()])
     assert all(int(bn.freeze_switch.numpy()) == 1 for bn in bns)
-    assert not np.allclose(seen[0], seen[2])  # steps 1..3 still update the statistics
-    for later in seen[3:]:
-        np.testing.assert_array_equal(later, seen[2])  # frozen from the 4th step on
+    for i in range(len(bns)):  # every BN, mean and variance, NHWC and N×C (fc_bn)
+        for stat in (0, 1):
+            assert not np.allclose(seen[0][i][stat], seen[2][i][stat])  # steps 1..3 update
+            for later in seen[3:]:
+                np.testing.assert_array_equal(later[i][stat], seen[2][i][stat])  # then frozen
 
 
 def test_non_finite_loss_is_caught_with_its_step():
