@@ -154,6 +154,34 @@ def bench_network(model_name: str, image: tuple[int, int, int], batch: int, widt
     return time_rounds(candidates, rounds, steps), quant_net
 
 
+def bench_application(arch: str, kwargs: dict, image: tuple[int, int, int], batch: int,
+                      rounds: int, steps: int) -> dict[str, list[float]]:
+    """A keras.applications net: qat float (prepared) vs qat quant vs tfmot `quantize_model`."""
+    from qat.api import prepare
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch, *image)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+
+    def original():
+        return getattr(tf_keras.applications, arch)(
+            input_shape=image, classes=10, weights=None, classifier_activation=None, **kwargs)
+
+    float_net = prepare(original())  # three separate builds: no weights shared
+    candidates = {
+        "app_float": _model_step(float_net, x, y),
+        "app_quant": _model_step(quantize_model(prepare(original()), QuantConfig()), x, y),
+        "app_tfmot": _model_step(tfmot.quantization.keras.quantize_model(original()), x, y),
+    }
+    return time_rounds(candidates, rounds, steps)
+
+
+def _kwargs(text: str) -> dict:
+    """"alpha=0.35,depth_multiplier=1" -> {"alpha": 0.35, "depth_multiplier": 1}."""
+    pairs = (item.split("=", 1) for item in text.split(",") if item)
+    return {key: json.loads(value) for key, value in pairs}
+
+
 def bench_tflite(quant_net: tf_keras.Model, cfg: ModelConfig, batch: int,
                  rounds: int) -> dict[str, list[float]]:
     """Inference per batch of the exported float and int8 files (the quant net, folded)."""
@@ -191,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default="32,32,3", help="network input H,W,C")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--arch", default="MobileNetV2",
+                        help="a tf_keras.applications net to time too ('' to skip)")
+    parser.add_argument("--arch-kwargs", default="alpha=0.35")
+    parser.add_argument("--arch-image", default="96,96,3")
+    parser.add_argument("--arch-batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--threads", type=int, default=1,
@@ -208,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                                        args.steps)
     tflite = bench_tflite(quant_net, ModelConfig(name=args.model, width=args.width), args.batch,
                           args.rounds)
+    application = bench_application(
+        args.arch, _kwargs(args.arch_kwargs), tuple(int(v) for v in args.arch_image.split(",")),
+        args.arch_batch, args.rounds, args.steps) if args.arch else {}
     pairs = {  # ratios taken within each round, then summarized over rounds
         "qat_quant/keras_fused": (bn, "qat_quant", "keras_fused"),
         "qat_float/keras_fused": (bn, "qat_float", "keras_fused"),
@@ -215,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         "quant_phase/float_phase": (network, "quant_phase", "float_phase"),
         "quant_phase/tfmot_default": (network, "quant_phase", "tfmot_default"),
     }
+    if application:
+        pairs.update({
+            "app_quant/app_float": (application, "app_quant", "app_float"),
+            "app_quant/app_tfmot": (application, "app_quant", "app_tfmot")})
     result = {
         "bn_layer": medians(bn),
         "network": medians(network),
@@ -222,9 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {name: paired_ratio(samples, a, b) for name, (samples, a, b) in pairs.items()},
         "ratio_spread": {name: ratio_spread(samples, a, b)
                          for name, (samples, a, b) in pairs.items()},
-        "rounds": {"bn_layer": bn, "network": network, "tflite": tflite},  # ms, round by round
+        "application": medians(application),
+        "rounds": {"bn_layer": bn, "network": network, "tflite": tflite,  # ms, round by round
+                   "application": application},
         "shapes": {"bn_input": list(bn_shape), "network_input": [args.batch, *image],
-                   "model": args.model, "width": args.width},
+                   "model": args.model, "width": args.width,
+                   "application": {"arch": args.arch, "kwargs": _kwargs(args.arch_kwargs),
+                                   "input": [args.arch_batch, *args.arch_image.split(",")]}},
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
         "threads": args.threads or "tensorflow default",
         "tensorflow": tf.__version__,

@@ -44,19 +44,22 @@ def test_bench_writes_the_contract(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("qat.bench", "--out", str(out), "--bn-shape", "8,8,8,4", "--image", "8,8,1",
                    "--batch", "8", "--width", "4", "--rounds", str(rounds), "--steps", "1",
-                   "--threads", "1")
+                   "--threads", "1", "--arch", "MobileNet", "--arch-kwargs", "alpha=0.25",
+                   "--arch-image", "32,32,3", "--arch-batch", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["bn_layer"]) == {"keras_fused", "naive", "qat_float", "qat_quant"}
     assert set(result["network"]) == {"float_phase", "quant_phase", "tfmot_default"}
     assert set(result["tflite"]) == {"float_ms", "int8_ms"}
-    assert all(v > 0 for part in ("bn_layer", "network", "tflite") for v in result[part].values())
+    assert set(result["application"]) == {"app_float", "app_quant", "app_tfmot"}
+    parts = ("bn_layer", "network", "tflite", "application")
+    assert all(v > 0 for part in parts for v in result[part].values())
     assert result["shapes"]["bn_input"] == [8, 8, 8, 4] and result["tensorflow"]
     assert result["threads"] == 1
 
     # Every figure is recomputed from the raw per-round samples written beside it.
     raw = result["rounds"]
-    assert set(raw) == {"bn_layer", "network", "tflite"}
+    assert set(raw) == set(parts)
     for part, samples in raw.items():
         assert set(samples) == set(result[part]), part
         for name, values in samples.items():
@@ -64,7 +67,8 @@ def test_bench_writes_the_contract(tmp_path):
             assert result[part][name] == float(np.median(values)), (part, name)
     assert set(result["ratios"]) == set(result["ratio_spread"]) == {
         "qat_quant/keras_fused", "qat_float/keras_fused", "naive/keras_fused",
-        "quant_phase/float_phase", "quant_phase/tfmot_default"}
+        "quant_phase/float_phase", "quant_phase/tfmot_default", "app_quant/app_float",
+        "app_quant/app_tfmot"}
     for name, ratio in result["ratios"].items():
         a, b = name.split("/")
         (part,) = [part for part, samples in raw.items() if a in samples and b in samples]
