@@ -1,15 +1,18 @@
-"""Quantization policy on tfmot: quantizers, QuantizeConfigs, a scheme, and `quantize_model`.
+"""Quantization on tfmot: quantizers, QuantizeConfigs, a scheme, the plan, `quantize_model`.
 
-Placement follows what the int8 file will compute (TFLite fuses conv+BN+ReLU into one op):
+What each layer kind is in the int8 graph is the rule table in `qat.rules`; this module turns
+it into tfmot configs for one model, given each layer's neighbours. Placement follows what the
+int8 file will compute (TFLite fuses conv+BN+ReLU into one op):
   * conv / depthwise kernels: tfmot's LastValueQuantizer, symmetric per output channel
     (depthwise kernels are reshaped so "channel" means output channel, not depth multiplier);
     dense kernels per tensor, as in tfmot's default scheme: TFLite stores FC weights as out×in,
     and the converter rejects a per-channel FakeQuant on Keras' in×out kernel ("tfl.transpose
     op has mismatched quantized axes");
-  * no fake-quant between a conv and the BN folded into it, nor between BN and its ReLU;
-  * one activation fake-quant where the int8 graph has a tensor: after ReLU, Add, pooling, the
-    logits, the input, and after a BN that no ReLU follows; a plain ReLU is computed by its
-    fake-quant (range pinned at 0), as the int8 op's output range computes it (`FusedReLU`);
+  * no fake-quant between a conv and the BN folded into it, nor in front of a RELU/RELU6 that
+    TFLite fuses into the op before it;
+  * one activation fake-quant wherever the int8 graph has a tensor (`check_plan` verifies it
+    before training); a plain ReLU is computed by its fake-quant (range pinned at 0), as the
+    int8 op's output range computes it (`FusedReLU`);
   * BN's own gamma, beta, mean and variance: inside qat's BN layer, behind its switch
     (`quant.bn=params`), or folded into the preceding kernel's quantizer (`quant.bn=fold`).
 """
@@ -208,7 +211,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
     `kernel`: None (no weights), "per_channel", "per_tensor", "depthwise", or "folded",
     "folded_depthwise", "folded_per_tensor" (`quant.bn=fold`, with `bn_name` the BN folded in).
     Built from plain values so it serializes through tfmot's clone-and-rebuild and through
-    `.keras`/`.h5` saving without custom nested objects.
+    `.h5`/SavedModel saving without custom nested objects.
     """
 
     def __init__(self, kernel_attr: str | None = None, kernel: str | None = None,
