@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint bench tensorboard experiments coverage clean
+.PHONY: help install train test test-heavy lint bench tensorboard experiments coverage clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,8 +22,11 @@ train: $(STAMP) ## float -> quant -> export on the embedded digits dataset (runs
 	$(PY) -m qat.train phase=all $(ARGS)
 
 TEST_WORKERS ?= 2
-test: $(STAMP) ## run the whole test suite (what CI runs), TEST_WORKERS processes by test file
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+test: $(STAMP) ## run the test suite (what CI runs) but `heavy` tests, TEST_WORKERS processes by file
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not heavy" $(ARGS)
+
+test-heavy: $(STAMP) ## the `heavy` tests: ResNet50V2 and DenseNet121 end to end (~10 min)
+	$(PY) -m pytest -m heavy $(ARGS)
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check qat tests

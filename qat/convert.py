@@ -108,12 +108,27 @@ def _replacement(layer):
             return lambda x, **kwargs: relu(x)
     if kind == "SeparableConv2D":
         return _split_separable(layer)
-    if kind == "Normalization" and len(layer.input_spec.shape if layer.input_spec else []) != 2:
+    if kind in ("Normalization", "Rescaling") and len(layer.input_shape) == 4:
         return tf_keras.layers.DepthwiseConv2D(1, use_bias=True, name=layer.name)
     if kind in ("Conv2D", "DepthwiseConv2D", "Dense", "SeparableConv2D") and (
             layer.get_config()["activation"] not in FUSED_ACTIVATIONS):
         return _split_activation(layer)
     return copy_layer(layer)
+
+
+def _affine_of(layer) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) per channel of a Normalization ((x - mean) / max(sqrt(var), eps)) or a
+    Rescaling (x * scale + offset): one int8 op instead of a MUL and an ADD (or SUB and DIV),
+    whose intermediate tensor would have no range."""
+    channels = layer.input_shape[-1]
+    if type(layer).__name__ == "Rescaling":
+        config = layer.get_config()
+        return (np.full(channels, config["scale"], np.float32),
+                np.full(channels, config["offset"], np.float32))
+    std = np.maximum(np.sqrt(layer.variance.numpy()), tf_keras.backend.epsilon()).reshape(-1)
+    std = np.broadcast_to(std, (channels,))
+    mean = np.broadcast_to(layer.mean.numpy().reshape(-1), (channels,))
+    return (1.0 / std).astype(np.float32), (-mean / std).astype(np.float32)
 
 
 def _copy_weights(layer, converted: tf_keras.Model) -> None:
@@ -126,11 +141,9 @@ def _copy_weights(layer, converted: tf_keras.Model) -> None:
         depthwise, pointwise, *bias = layer.get_weights()
         converted.get_layer(f"{layer.name}_depthwise").set_weights([depthwise])
         converted.get_layer(layer.name).set_weights([pointwise, *bias])
-    elif kind == "Normalization":  # (x - mean) / max(sqrt(var), eps) as a 1×1 depthwise conv
-        std = np.maximum(np.sqrt(layer.variance.numpy()), tf_keras.backend.epsilon()).reshape(-1)
-        mean = np.broadcast_to(layer.mean.numpy().reshape(-1), std.shape)
-        converted.get_layer(layer.name).set_weights([(1.0 / std).reshape(1, 1, -1, 1),
-                                                    -mean / std])
+    elif kind in ("Normalization", "Rescaling") and len(layer.input_shape) == 4:
+        scale, offset = _affine_of(layer)  # per channel, as a 1×1 depthwise conv
+        converted.get_layer(layer.name).set_weights([scale.reshape(1, 1, -1, 1), offset])
     elif layer.weights:
         converted.get_layer(layer.name).set_weights(layer.get_weights())
 
@@ -138,7 +151,8 @@ def _copy_weights(layer, converted: tf_keras.Model) -> None:
 def convert_batchnorms(model: tf_keras.Model) -> tf_keras.Model:
     """A flat functional copy of `model` that qat can quantize: qat's BN in place of every Keras
     BN, and the few layers tfmot cannot wrap or TFLite computes in two ops rewritten as plain
-    layers (TFOpLambda arithmetic, SeparableConv2D, unfused built-in activations, Normalization).
+    layers (TFOpLambda arithmetic, SeparableConv2D, unfused built-in activations, NHWC
+    Normalization and Rescaling).
     Every rewrite computes the same function (tested)."""
     require_graph_network(model)
     layers = flat_layers(model)

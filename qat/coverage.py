@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 ARCHS = {
     "MobileNet": {"alpha": 0.25}, "MobileNetV2": {"alpha": 0.35},
@@ -91,6 +92,7 @@ def run_arch(arch: str, image_size: int, float_epochs: int, out_dir: str) -> dic
                    fold_max_diff=report["fold_max_abs_diff"],
                    float_ops=len(report["int8_float_ops"]))
     except Exception as exc:  # the table records the failure; the run goes on
+        traceback.print_exc()
         row.update(qat="fails", qat_error=_one_line(exc))
     row["qat_seconds"] = round(time.perf_counter() - start)
     try:

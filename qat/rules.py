@@ -34,20 +34,22 @@ LAYER_RULES = {
     "QuantBatchNorm": Rule(QUANTIZE),
     **{kind: Rule(QUANTIZE) for kind in (
         "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
-        "GlobalAveragePooling2D", "AveragePooling2D", "Rescaling", "Softmax",
-        "ScalarArithmetic")},
+        "GlobalAveragePooling2D", "Rescaling", "Softmax", "ScalarArithmetic")},
+    # AVERAGE_POOL_2D is a same-scale op in TFLite int8 (the converter refuses an output range
+    # of its own), like max pooling, padding and reshapes.
     **{kind: Rule(PASS) for kind in (
-        "MaxPooling2D", "GlobalMaxPooling2D", "Flatten", "Reshape", "Dropout", "SpatialDropout2D",
-        "ZeroPadding2D", "Cropping2D", "Permute", "SlicingOpLambda")},
+        "MaxPooling2D", "AveragePooling2D", "GlobalMaxPooling2D", "Flatten", "Reshape", "Dropout",
+        "SpatialDropout2D", "ZeroPadding2D", "Cropping2D", "Permute", "SlicingOpLambda")},
 }
 
 # Activation layers (and `tf.nn.*` calls) by function name. Each QUANTIZE one is an int8 op:
-# LOGISTIC, TANH, HARD_SWISH, SOFTMAX, GELU, ELU; swish/silu = LOGISTIC + MUL.
+# LOGISTIC, TANH, HARD_SWISH, SOFTMAX, GELU; swish/silu = LOGISTIC + MUL. (ELU has no int8
+# kernel the converter uses: no rule, so it is refused before training.)
 ACTIVATION_RULES = {
     "linear": Rule(PASS), "relu": Rule(RELU), "relu6": Rule(RELU),
     **{name: Rule(QUANTIZE) for name in (
         "sigmoid", "swish", "silu", "hard_sigmoid", "hard_silu", "hard_swish", "tanh",
-        "softmax", "gelu", "elu")},
+        "softmax", "gelu")},
 }
 
 # TFOpLambda layers (tf ops called on Keras tensors, as keras.applications do) by function.

@@ -152,8 +152,9 @@ def rewritten_layers():
     """Layers tfmot cannot wrap or TFLite splits: TFOpLambda arithmetic (tensor and scalar),
     SeparableConv2D, a conv with swish built in, Normalization, a nested Sequential."""
     inputs = tf_keras.Input((8, 8, 3))
+    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
     norm = layers.Normalization(mean=[0.5, 0.2, -0.1], variance=[2.0, 0.5, 1.5], name="norm")
-    x = norm(inputs)
+    x = norm(x)
     x = layers.SeparableConv2D(6, 3, padding="same", name="sep")(x)
     y = layers.Conv2D(6, 1, activation="swish", name="conv_swish")(x)
     x = tf.nn.relu6(x + 3.0) * (1.0 / 6.0)  # MobileNetV3's hard-sigmoid
@@ -168,7 +169,8 @@ def test_rewrites_compute_the_same_function_and_quantize():
     model = _randomize_batchnorms(rewritten_layers())
     converted = convert_batchnorms(model)
     kinds = {type(layer).__name__ for layer in converted.layers}
-    assert not kinds & {"TFOpLambda", "SeparableConv2D", "Normalization", "Sequential"}
+    assert not kinds & {"TFOpLambda", "SeparableConv2D", "Normalization", "Rescaling",
+                        "Sequential"}
     assert converted.get_layer("conv_swish").get_config()["activation"] == "linear"
     assert converted.get_layer("conv_swish_swish").get_config()["activation"] == "swish"
     assert type(converted.get_layer("sep_depthwise")).__name__ == "DepthwiseConv2D"
