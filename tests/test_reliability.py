@@ -81,7 +81,7 @@ CASES = [
      "the data is (8, 8, 1)"),
     ("layer without a quantization rule",
      lambda tmp, fr: ["phase=quant", "model=file", _user_model(tmp / "elu.h5", activation="elu")],
-     2, "layer user_act (Activation) has no quantization rule"),
+     2, "layer user_act (Activation 'elu') has no quantization rule"),
     ("unknown key", ["trainer.epoch=3"], 1, "Key 'epoch' not in 'TrainerConfig'"),
     ("wrong type", ["trainer.epochs=two"], 1, "could not be converted to Integer"),
     ("bits out of range", ["quant.weight_bits=17"], 2, "quant.weight_bits=17 is out of range"),
