@@ -1,10 +1,11 @@
 """Conversion: a user's float Keras model, with every Keras BatchNormalization as qat's BN.
 
 The converted model is one flat functional graph (nested models inlined, see `qat.graph`) whose
-layers carry the original weights; each BN keeps its momentum, epsilon, center/scale and
-`trainable` flag, so in inference it computes what the original computes, and in training it
-continues as Keras would (a frozen Keras BN, `trainable=False`, keeps normalizing with its
-moving statistics). Everything downstream (quantize, fold, export) sees only qat's BN.
+layers carry the original weights; the few layers tfmot cannot wrap are rewritten as plain
+layers computing the same function (`convert_batchnorms`). Each BN keeps its momentum, epsilon,
+center/scale and `trainable` flag, so in inference it computes what the original computes, and
+in training it continues as Keras would (a frozen Keras BN, `trainable=False`, keeps normalizing
+with its moving statistics). Everything downstream (quantize, fold, export) sees only qat's BN.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import tf_keras
 
 from qat.errors import ConfigError
-from qat.graph import copy_layer, flat_layers, rebuild, require_graph_network
+from qat.graph import copy_layer, flat_layers, is_keras_tensor, rebuild, require_graph_network
 from qat.layers import QuantBatchNorm, ScalarArithmetic
 
 
@@ -52,17 +53,13 @@ MERGE_LAYERS = {"add": tf_keras.layers.Add, "multiply": tf_keras.layers.Multiply
                 "subtract": tf_keras.layers.Subtract}
 
 
-def _is_symbolic(value) -> bool:
-    return hasattr(value, "_keras_history")
-
-
 def _arithmetic(layer, op: str):
     """`a + b` on Keras tensors (a TFOpLambda) as an Add/Multiply/Subtract layer, or with a
     scalar constant as ScalarArithmetic: layers tfmot can wrap and qat has rules for."""
     def call(a, b, name=None):
-        if _is_symbolic(a) and _is_symbolic(b):
+        if is_keras_tensor(a) and is_keras_tensor(b):
             return MERGE_LAYERS[op](name=layer.name)([a, b])
-        tensor, constant = (a, b) if _is_symbolic(a) else (b, a)
+        tensor, constant = (a, b) if is_keras_tensor(a) else (b, a)
         if np.ndim(constant) != 0:
             raise ConfigError(f"layer {layer.name} (tf.{layer.get_config()['function']}) uses a "
                               "non-scalar constant: qat supports scalars there; use a layer")

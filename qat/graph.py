@@ -21,7 +21,8 @@ from qat.errors import ConfigError
 Replace = Callable[[tf_keras.layers.Layer], "Callable | None"]
 
 
-def _keras_tensor(value) -> bool:
+def is_keras_tensor(value) -> bool:
+    """A symbolic tensor of a functional graph (not a constant argument)."""
     return hasattr(value, "_keras_history") and tf_keras.backend.is_keras_tensor(value)
 
 
@@ -43,7 +44,7 @@ def _replay(model: tf_keras.Model, inputs: list, replace: Replace, made: dict) -
                 continue
             layer = node.outbound_layer
             args, kwargs = tf.nest.map_structure(
-                lambda t: tensors[id(t)] if _keras_tensor(t) else t,
+                lambda t: tensors[id(t)] if is_keras_tensor(t) else t,
                 (node.call_args, node.call_kwargs))
             if isinstance(layer, tf_keras.Model):
                 require_graph_network(layer)
