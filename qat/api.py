@@ -19,7 +19,6 @@ import tf_keras
 from qat.config import ExportConfig, QuantConfig
 from qat.convert import convert_batchnorms
 from qat.export import export_quant_model
-from qat.quantize import quantize_scope
 from qat.sources import as_logits
 
 
@@ -36,6 +35,5 @@ def export_model(qmodel: tf_keras.Model, model: tf_keras.Model, x: np.ndarray, y
     on (x, y). `model`: the prepared float model `qmodel` came from (left untouched); `settings`:
     the QuantConfig `qmodel` was made with."""
     float_model = tf_keras.models.clone_model(model)  # same layer names, fresh weights
-    with quantize_scope():
-        return export_quant_model(qmodel, float_model, x, y, out_dir, settings or QuantConfig(),
-                                  export_settings or ExportConfig())
+    return export_quant_model(qmodel, float_model, x, y, out_dir, settings or QuantConfig(),
+                              export_settings or ExportConfig())

@@ -105,12 +105,17 @@ def _replacement(layer):
             return lambda x, **kwargs: relu(x)
     if kind == "SeparableConv2D":
         return _split_separable(layer)
-    if kind in ("Normalization", "Rescaling") and len(layer.input_shape) == 4:
+    if _is_nhwc_affine(layer):
         return tf_keras.layers.DepthwiseConv2D(1, use_bias=True, name=layer.name)
     if kind in ("Conv2D", "DepthwiseConv2D", "Dense", "SeparableConv2D") and (
             layer.get_config()["activation"] not in FUSED_ACTIVATIONS):
         return _split_activation(layer)
     return copy_layer(layer)
+
+
+def _is_nhwc_affine(layer) -> bool:
+    """A Normalization or Rescaling on NHWC: rewritten as a 1×1 depthwise conv."""
+    return type(layer).__name__ in ("Normalization", "Rescaling") and len(layer.input_shape) == 4
 
 
 def _affine_of(layer) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +143,7 @@ def _copy_weights(layer, converted: tf_keras.Model) -> None:
         depthwise, pointwise, *bias = layer.get_weights()
         converted.get_layer(f"{layer.name}_depthwise").set_weights([depthwise])
         converted.get_layer(layer.name).set_weights([pointwise, *bias])
-    elif kind in ("Normalization", "Rescaling") and len(layer.input_shape) == 4:
+    elif _is_nhwc_affine(layer):
         scale, offset = _affine_of(layer)  # per channel, as a 1×1 depthwise conv
         converted.get_layer(layer.name).set_weights([scale.reshape(1, 1, -1, 1), offset])
     elif layer.weights:

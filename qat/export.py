@@ -24,7 +24,7 @@ import tf_keras
 from qat.config import ExportConfig, QATConfig, QuantConfig
 from qat.data import Arrays, load_arrays
 from qat.errors import ExportError, QatError, report_error
-from qat.files import write_atomic
+from qat.files import write_atomic, write_json
 from qat.fold import dequantized_float_model, fold_batchnorms, parity
 from qat.phases import (
     build_float_model,
@@ -196,8 +196,7 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model, x: n
                   **_write_files(folded, qfolded, x, y, qat_logits, export, staging)}
         if extra is not None:
             report.update(extra(staging))
-        with open(os.path.join(staging, "report.json"), "w") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(os.path.join(staging, "report.json"), report)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
