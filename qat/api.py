@@ -18,7 +18,7 @@ import tf_keras
 
 from qat.config import ExportConfig, QuantConfig
 from qat.convert import convert_batchnorms
-from qat.export import export_quant_model
+from qat.export import Inputs, export_quant_model
 from qat.sources import as_logits
 
 
@@ -28,11 +28,12 @@ def prepare(model: tf_keras.Model) -> tf_keras.Model:
     return convert_batchnorms(as_logits(model))
 
 
-def export_model(qmodel: tf_keras.Model, model: tf_keras.Model, x: np.ndarray, y: np.ndarray,
-           out_dir: str, settings: QuantConfig | None = None,
-           export_settings: ExportConfig | None = None) -> dict:
+def export_model(qmodel: tf_keras.Model, model: tf_keras.Model, x: Inputs, y: np.ndarray,
+                 out_dir: str, settings: QuantConfig | None = None,
+                 export_settings: ExportConfig | None = None) -> dict:
     """Fold, write SavedModel + float/int8 TFLite + report.json to `out_dir`, evaluate the files
-    on (x, y). `model`: the prepared float model `qmodel` came from (left untouched); `settings`:
+    on (x, y); `x`: an array, or one per model input (a list, or a dict by input name).
+    `model`: the prepared float model `qmodel` came from (left untouched); `settings`:
     the QuantConfig `qmodel` was made with."""
     float_model = tf_keras.models.clone_model(model)  # same layer names, fresh weights
     return export_quant_model(qmodel, float_model, x, y, out_dir, settings or QuantConfig(),

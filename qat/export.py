@@ -77,25 +77,37 @@ def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
 
 
 # -- evaluation of written files ----------------------------------------------------------------
-def tflite_logits(path: str, x: np.ndarray) -> np.ndarray:
-    """Run a .tflite file on NHWC float images; (de)quantizes int8 I/O with the file's params."""
+Inputs = np.ndarray | dict[str, np.ndarray]
+
+
+def tflite_logits(path: str, x: Inputs) -> np.ndarray:
+    """Run a .tflite file on float inputs; (de)quantizes int8 I/O with the file's params.
+
+    `x`: one array (a one-input model), or arrays keyed by the Keras input names (the file's
+    signature keeps them), so several inputs are each fed their own data.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=path)
-    inp = interpreter.get_input_details()[0]
+    runner = Interpreter(model_path=path).get_signature_runner()
+    inputs = runner.get_input_details()
+    if not isinstance(x, dict):
+        if len(inputs) != 1:
+            raise ExportError(f"{path} has inputs {sorted(inputs)}: pass a dict of arrays")
+        x = {next(iter(inputs)): x}
+    if set(x) != set(inputs):
+        raise ExportError(f"{path} has inputs {sorted(inputs)}, the data {sorted(x)}")
+    count = len(next(iter(x.values())))
     outputs = []
-    for start in range(0, len(x), EVAL_BATCH):
-        batch = x[start:start + EVAL_BATCH]
-        interpreter.resize_tensor_input(inp["index"], batch.shape)
-        interpreter.allocate_tensors()
-        inp = interpreter.get_input_details()[0]
-        out = interpreter.get_output_details()[0]
-        if inp["dtype"] == np.int8:
-            scale, zero = inp["quantization"]
-            batch = np.clip(np.round(batch / scale + zero), -128, 127).astype(np.int8)
-        interpreter.set_tensor(inp["index"], batch)
-        interpreter.invoke()
-        y = interpreter.get_tensor(out["index"])
+    for start in range(0, count, EVAL_BATCH):
+        feed = {}
+        for name, array in x.items():
+            batch = np.asarray(array[start:start + EVAL_BATCH], np.float32)
+            if inputs[name]["dtype"] == np.int8:
+                scale, zero = inputs[name]["quantization"]
+                batch = np.clip(np.round(batch / scale + zero), -128, 127).astype(np.int8)
+            feed[name] = batch
+        (name, y), = runner(**feed).items()
+        out = runner.get_output_details()[name]
         if out["dtype"] == np.int8:
             scale, zero = out["quantization"]
             y = (y.astype(np.float32) - zero) * scale
@@ -108,6 +120,13 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 # -- ranges for the int8 graph --------------------------------------------------------------
+def _input_key(model: tf_keras.Model, quantize_layer: QuantizeLayer) -> str:
+    """An input's range is keyed by the input's position (auto-generated input names differ
+    between builds): one range per input."""
+    (node,) = quantize_layer.inbound_nodes
+    return f"input {model.input_names.index(node.inbound_layers.name)}"
+
+
 def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
                             aliases: dict[str, str]) -> None:
     """Give the folded fake-quant model the activation ranges learned during QAT (by layer name).
@@ -118,7 +137,7 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
     def ranges(model):
         found = {}
         for layer in model.layers:
-            key = "input" if isinstance(layer, QuantizeLayer) else getattr(
+            key = _input_key(model, layer) if isinstance(layer, QuantizeLayer) else getattr(
                 getattr(layer, "layer", None), "name", layer.name)
             kinds = {w.name.split(":")[0].rsplit("_", 1)[-1]: w for w in layer.weights
                      if "kernel" not in w.name}
@@ -170,14 +189,17 @@ def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
     return report
 
 
-def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model, x: np.ndarray,
+def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model, x: Inputs,
                        y: np.ndarray, out_dir: str, quant: QuantConfig, export: ExportConfig,
                        extra: Callable[[str], dict] | None = None) -> dict:
     """Fold a trained QAT model, write SavedModel + float/int8 TFLite + report.json to `out_dir`
-    and evaluate the written files on (x, y). `float_model`: a fresh float model of the same
+    and evaluate the written files on (x, y); `x`: an array, or one per input (list in
+    `model.inputs` order, or dict by input name). `float_model`: a fresh float model of the same
     architecture (its weights are overwritten). `extra(staging_dir)` may add files and figures.
     `out_dir` is replaced only once everything is written: a failed export leaves it as it was.
     """
+    if isinstance(x, list | tuple):  # one array per model input, in model.inputs order
+        x = dict(zip(float_model.input_names, x, strict=True))
     qat_logits = qmodel.predict(x, verbose=0, batch_size=EVAL_BATCH)
     unfolded = dequantized_float_model(qmodel, float_model)
     folded = fold_batchnorms(unfolded)
@@ -205,7 +227,7 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model, x: n
     return report
 
 
-def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, x: np.ndarray, y: np.ndarray,
+def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, x: Inputs, y: np.ndarray,
                  qat_logits: np.ndarray, export: ExportConfig, staging: str) -> dict:
     """Write the model files into `staging`, check the int8 one, evaluate both."""
     folded.save(os.path.join(staging, "saved_model"), save_format="tf")
