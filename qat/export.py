@@ -26,6 +26,7 @@ from qat.data import Arrays, load_arrays
 from qat.errors import ExportError, QatError, report_error
 from qat.files import write_atomic, write_json
 from qat.fold import dequantized_float_model, fold_batchnorms, parity
+from qat.lock import run_lock
 from qat.phases import (
     build_float_model,
     build_quant_model,
@@ -282,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = compose_for_run(argv if argv is not None else sys.argv[1:])
-        report = export_run(settings)
+        with run_lock(settings.run.dir, "python -m qat.export"):
+            report = export_run(settings)
     except QatError as exc:
         return report_error(exc)
     print(json.dumps(report, indent=2))

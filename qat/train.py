@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -30,15 +31,23 @@ def train(settings: QATConfig, threads: int = 0) -> dict:
     import tensorflow as tf  # imported only once the config is known to be good
     import tf_keras
 
-    from qat import phases
-    from qat.data import load_arrays
     from qat.distribute import is_chief, make_strategy
+    from qat.lock import run_lock
 
     tf_keras.backend.clear_session()  # a sweep runs every job in this one process
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     strategy = make_strategy(settings.trainer.strategy, settings.trainer.cpu_replicas)
+    with run_lock(settings.run.dir, " ".join(sys.argv)) if is_chief(strategy) else nullcontext():
+        return _run_steps(settings, strategy)
+
+
+def _run_steps(settings: QATConfig, strategy) -> dict:
+    from qat import phases
+    from qat.data import load_arrays
+    from qat.distribute import is_chief
+
     arrays = load_arrays(settings.data)
     results: dict = {}
     for step in settings.phase.steps:
