@@ -21,7 +21,8 @@ PHASE_STEPS = {
     "quant": ("quant", "export"),
     "all": ("float", "quant", "export"),
 }
-DATASETS = ("digits", "npz", "synthetic", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "npz", "folder", "synthetic", "mnist", "fashion_mnist", "cifar10")
+DEFAULT_SIZE = {"digits": 16, "synthetic": 16}  # digits are 8x8: room for two poolings
 BUILTIN_MODELS = ("convnet", "resnet", "mobilenet")
 MODELS = (*BUILTIN_MODELS, "keras", "target", "file")
 BN_MODES = ("params", "fold")
@@ -77,29 +78,73 @@ class RunConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-only augmentation (tf.image ops in the input pipeline); all off by default."""
+
+    flip: bool = False  # random horizontal flip
+    crop_padding: int = 0  # > 0: pad by this many pixels (edge values), random crop back (CIFAR)
+    crop_scale_min: float = 1.0  # < 1: random resized crop of [min, 1] of the area (ImageNet)
+    brightness: float = 0.0  # > 0: random brightness shift up to this much (images in [0, 1])
+
+    def __post_init__(self) -> None:
+        _require(self.crop_padding >= 0, f"data.augment.crop_padding={self.crop_padding} < 0")
+        _require(0.05 <= self.crop_scale_min <= 1.0,
+                 f"data.augment.crop_scale_min={self.crop_scale_min} must be in [0.05, 1]")
+        _require(0.0 <= self.brightness <= 1.0,
+                 f"data.augment.brightness={self.brightness} must be in [0, 1]")
+
+    @property
+    def active(self) -> bool:
+        return (self.flip or self.crop_padding > 0 or self.crop_scale_min < 1.0
+                or self.brightness > 0.0)
+
+
+@dataclass
 class DataConfig:
     name: str = "digits"
-    path: str | None = None  # data=npz: the .npz file (keras mnist.npz layout)
-    image_size: int = 16  # digits are 8x8; resized up so the nets have room for two poolings
-    val_fraction: float = 0.2  # digits/synthetic: held-out share, split once with data.seed
+    path: str | None = None  # data=npz: the .npz file; data=folder: the directory
+    # null: images keep their own size (folder: the first image's); N: N×N; [H, W]: H×W.
+    # digits and synthetic default to 16 (DEFAULT_SIZE).
+    image_size: Any = None
+    channels: int | None = None  # null: the source's own; 1 or 3 convert gray <-> RGB
+    val_fraction: float = 0.2  # digits/synthetic/folder without val/: held-out share (data.seed)
     seed: int = 0
+    cache: bool = False  # folder: keep decoded images in memory after the first epoch
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     # data=synthetic only
     num_classes: int = 10
-    channels: int = 1
     train_examples: int = 512
     val_examples: int = 128
 
     def __post_init__(self) -> None:
         _require(self.name in DATASETS, f"data={self.name} is unknown: use one of {DATASETS}")
-        _require(self.image_size >= 4, f"data.image_size={self.image_size} must be >= 4")
+        if self.image_size is None:
+            self.image_size = DEFAULT_SIZE.get(self.name)
+        size = self.image_size
+        if isinstance(size, list | tuple):
+            size = list(size)
+            _require(len(size) == 2 and all(isinstance(v, int) for v in size),
+                     f"data.image_size={size} must be N or [height, width]")
+            self.image_size = size
+        _require(size is None or min(size if isinstance(size, list) else [size]) >= 4,
+                 f"data.image_size={size} must be >= 4")
         _require(0.0 < self.val_fraction < 1.0,
                  f"data.val_fraction={self.val_fraction} must be between 0 and 1")
-        _require(self.name != "npz" or bool(self.path),
-                 "data=npz needs data.path=/path/to/file.npz")
+        _require(self.name not in ("npz", "folder") or bool(self.path),
+                 f"data={self.name} needs data.path=...")
         _require(self.num_classes >= 2, f"data.num_classes={self.num_classes} must be >= 2")
-        _require(self.channels >= 1, f"data.channels={self.channels} must be >= 1")
+        _require(self.channels in (None, 1, 3), f"data.channels={self.channels} must be 1 or 3")
         _require(self.train_examples > 0 and self.val_examples > 0,
                  "data.train_examples and data.val_examples must be > 0")
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(height, width) every image is resized to, or None: keep the source's size."""
+        if self.image_size is None:
+            return None
+        if isinstance(self.image_size, list):
+            return tuple(self.image_size)  # type: ignore[return-value]
+        return (self.image_size, self.image_size)
 
 
 @dataclass
@@ -127,6 +172,32 @@ class ModelConfig:
         _require(self.bn_epsilon > 0.0, f"model.bn_epsilon={self.bn_epsilon} must be > 0")
 
 
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def _adam() -> dict[str, Any]:
+    return {"_target_": "tf_keras.optimizers.Adam"}
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate over a phase: from `learning_rate`, after a linear warmup from 0."""
+
+    name: str = "constant"  # constant | cosine (to 0 at the phase's end) | step
+    warmup_epochs: float = 0.0
+    decay_epochs: list[int] = field(default_factory=list)  # step: multiply by decay_rate at each
+    decay_rate: float = 0.1
+
+    def check(self, where: str, epochs: int) -> None:
+        _require(self.name in SCHEDULES,
+                 f"{where}.schedule.name={self.name} is unknown: use one of {SCHEDULES}")
+        _require(0.0 <= self.warmup_epochs < epochs,
+                 f"{where}.schedule.warmup_epochs={self.warmup_epochs} must be >= 0 and shorter "
+                 f"than the phase ({epochs} epochs)")
+        _require(0.0 < self.decay_rate <= 1.0,
+                 f"{where}.schedule.decay_rate={self.decay_rate} must be in (0, 1]")
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 12
@@ -134,6 +205,10 @@ class TrainerConfig:
     steps_per_epoch: int | None = None  # optional cap per epoch
     seed: int = 0
     learning_rate: float = 3e-3
+    # Hydra-instantiated, given the schedule as learning_rate: any tf_keras optimizer or your own
+    optimizer: dict[str, Any] = field(default_factory=_adam)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    label_smoothing: float = 0.0  # both phases
     save_every_steps: int | None = None  # also checkpoint mid-epoch, bounding lost work
     strategy: str = "default"
     threads: int = 0  # TensorFlow intra/inter-op threads; 0: TF's default (sweeps: cores / jobs)
@@ -146,6 +221,9 @@ class TrainerConfig:
         _require(self.steps_per_epoch is None or self.steps_per_epoch >= 1,
                  f"trainer.steps_per_epoch={self.steps_per_epoch} must be >= 1 or null")
         _require(self.learning_rate > 0, f"trainer.learning_rate={self.learning_rate} must be > 0")
+        self.schedule.check("trainer", self.epochs)
+        _require(0.0 <= self.label_smoothing < 1.0,
+                 f"trainer.label_smoothing={self.label_smoothing} must be in [0, 1)")
         _require(self.save_every_steps is None or self.save_every_steps >= 1,
                  f"trainer.save_every_steps={self.save_every_steps} must be >= 1 or null")
         _require(self.threads >= 0, f"trainer.threads={self.threads} must be >= 0")
@@ -194,7 +272,9 @@ class QuantConfig:
     layers: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # float checkpoint dir; null: <run.dir>/float
     epochs: int = 3
-    learning_rate: float = 5e-4  # fine-tuning: a fraction of the float phase's rate
+    learning_rate: float = 5e-4  # fine-tuning: a fraction of the float phase's rate...
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="cosine"))
+    optimizer: dict[str, Any] | None = None  # null: the trainer's optimizer
 
     def __post_init__(self) -> None:
         _check_bits("quant.weight_bits", self.weight_bits)
@@ -219,6 +299,7 @@ class QuantConfig:
                     _check_bits(f"quant.layers.{pattern}.{kind}", getattr(override, kind))
         _require(self.epochs >= 1, f"quant.epochs={self.epochs} must be >= 1")
         _require(self.learning_rate > 0, f"quant.learning_rate={self.learning_rate} must be > 0")
+        self.schedule.check("quant", self.epochs)
 
 
 @dataclass
@@ -228,11 +309,14 @@ class ExportConfig:
     calibration_batches: int = 8  # PTQ representative dataset size, in batches
     fold_tolerance: float = 1e-4  # max |dlogit| / max |logit| allowed between folded and unfolded
     allow_float_ops: bool = False  # accept an int8 file in which the converter left float ops
+    max_examples: int | None = None  # evaluate the files on at most this many validation images
 
     def __post_init__(self) -> None:
         _require(self.calibration_batches >= 1,
                  f"export.calibration_batches={self.calibration_batches} must be >= 1")
         _require(self.fold_tolerance > 0, "export.fold_tolerance must be > 0")
+        _require(self.max_examples is None or self.max_examples >= 1,
+                 f"export.max_examples={self.max_examples} must be >= 1 or null")
 
 
 @dataclass

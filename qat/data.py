@@ -1,21 +1,27 @@
-"""Datasets as tf.data pipelines: digits (embedded default), npz, synthetic, and tfds names.
+"""Datasets as streaming tf.data pipelines: digits (embedded default), npz, folder, synthetic.
 
-Every source is reduced to the same in-memory arrays (`Arrays`: float32 NHWC images in [0, 1],
-int32 labels) before batching, so the training code never cares where data came from.
+`load_data` gives every source the same shape, `Data`: unbatched streams of (float32 HWC image
+in [0, 1], int32 label), plus what the models and the run dir need to know about it. `batches`
+turns a stream into the training or evaluation pipeline (shuffle, augment, batch, prefetch).
+The array sources (digits, npz, synthetic, keras datasets) are small and held in memory
+(`Arrays`); a folder of images is listed, not loaded: images are decoded as batches are drawn.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qat.config import DataConfig
+from qat.config import AugmentConfig, DataConfig
 from qat.errors import DataError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 SHUFFLE_BUFFER = 10_000
+log = logging.getLogger("qat")
 
 
 @dataclass(frozen=True)
@@ -33,24 +39,111 @@ class Arrays:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Data:
+    """A dataset as streams. `train`/`val` yield items that `decode` (if any) maps to
+    (image, label): file paths for a folder, so shuffling moves strings, not pixels."""
+
+    train: object  # tf.data.Dataset
+    val: object
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_examples: int
+    val_examples: int
+    decode: Callable | None = None
+    class_names: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_arrays(cls, arrays: Arrays) -> Data:
+        import tensorflow as tf
+
+        return cls(tf.data.Dataset.from_tensor_slices((arrays.x_train, arrays.y_train)),
+                   tf.data.Dataset.from_tensor_slices((arrays.x_val, arrays.y_val)),
+                   arrays.input_shape, arrays.num_classes, len(arrays.x_train),
+                   len(arrays.x_val))
+
+    def describe(self) -> dict:
+        """What a run records about its data (`<phase>/data.json`)."""
+        return {"input_shape": list(self.input_shape), "num_classes": self.num_classes,
+                "class_names": list(self.class_names) if self.class_names else None,
+                "train_examples": self.train_examples, "val_examples": self.val_examples}
+
+    def val_batches(self, batch_size: int, max_examples: int | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The validation stream as numpy batches, in order, at most `max_examples` images."""
+        ds = self.val if max_examples is None else self.val.take(max_examples)
+        yield from batches(ds, batch_size, decode=self.decode).as_numpy_iterator()
+
+    def sample_train(self, count: int, seed: int) -> np.ndarray:
+        """`count` training images drawn at random (PTQ calibration), without augmentation."""
+        ds = batches(self.train, count, shuffle=True, seed=seed, decode=self.decode,
+                     buffer=self.train_examples)
+        return next(ds.as_numpy_iterator())[0]
+
+
 def load_arrays(cfg: DataConfig) -> Arrays:
-    """Load the configured dataset into memory, validated and normalized."""
+    """Load an in-memory dataset, validated and normalized (not for data=folder)."""
     loaders = {"digits": _load_digits, "npz": _load_npz, "synthetic": _load_synthetic}
     loader = loaders.get(cfg.name, _load_tfds)
-    return loader(cfg)
+    arrays = loader(cfg)
+    if cfg.channels is not None:
+        arrays = replace(arrays, x_train=_to_channels(arrays.x_train, cfg.channels),
+                         x_val=_to_channels(arrays.x_val, cfg.channels))
+    return arrays
+
+
+def load_data(cfg: DataConfig) -> Data:
+    """The configured dataset as streams; a folder is listed and checked, never loaded."""
+    if cfg.name == "folder":
+        from qat.folder import load_folder
+
+        return load_folder(cfg)
+    return Data.from_arrays(load_arrays(cfg))
+
+
+def batches(ds, batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
+            decode: Callable | None = None, augment: AugmentConfig | None = None,
+            cache: bool = False, buffer: int = SHUFFLE_BUFFER):
+    """The pipeline: (cache) → shuffle (reshuffled each epoch) → decode → augment → batch →
+    prefetch. Training batches are full (drop_remainder); evaluation keeps the last one."""
+    import tensorflow as tf
+
+    auto = tf.data.AUTOTUNE
+    if cache and decode is not None:
+        ds, decode = ds.map(decode, num_parallel_calls=auto).ignore_errors().cache(), None
+    if shuffle:
+        ds = ds.shuffle(min(buffer, SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    if decode is not None:  # an unreadable file is skipped (tf.data logs it), not fatal
+        ds = ds.map(decode, num_parallel_calls=auto, deterministic=True).ignore_errors(
+            log_warning=True)
+    if augment is not None and augment.active:
+        from qat.augment import augmenter
+
+        ds = ds.map(augmenter(augment, seed), num_parallel_calls=auto, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=shuffle).prefetch(auto)
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
                  repeat: bool = False):
-    """Batched, prefetched tf.data pipeline; shuffling is seeded and reshuffled each epoch."""
+    """Batched, prefetched pipeline over arrays (`batches` on an in-memory stream)."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(min(len(x), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    return ds.batch(batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
+    return batches(tf.data.Dataset.from_tensor_slices((x, y)), batch_size, shuffle=shuffle,
+                   seed=seed, repeat=repeat, buffer=len(x))
+
+
+def _to_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """Gray → RGB by repeating; RGB → gray by ITU-R 601 luma (tf.image's weights)."""
+    if x.shape[-1] == channels:
+        return x
+    if channels == 3 and x.shape[-1] == 1:
+        return np.repeat(x, 3, axis=-1)
+    if channels == 1 and x.shape[-1] == 3:
+        return (x @ np.array([0.2989, 0.5870, 0.1140], np.float32))[..., None]
+    raise DataError(f"images have {x.shape[-1]} channels: data.channels={channels} cannot be "
+                    "made from them (use 1 or 3 channel images)")
 
 
 def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, ...]:
@@ -61,13 +154,14 @@ def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, .
     return x[train], y[train], x[val], y[val]
 
 
-def _resize(x: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of NHWC float images (TensorFlow's kernel, run eagerly once)."""
-    if x.shape[1] == size and x.shape[2] == size:
+def _resize(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Bilinear resize of NHWC float images (TensorFlow's kernel, run eagerly once); None or the
+    images' own size: unchanged."""
+    if size is None or tuple(x.shape[1:3]) == tuple(size):
         return x
     import tensorflow as tf
 
-    return tf.image.resize(x, (size, size), method="bilinear").numpy().astype(np.float32)
+    return tf.image.resize(x, size, method="bilinear").numpy().astype(np.float32)
 
 
 def _load_digits(cfg: DataConfig) -> Arrays:
@@ -76,14 +170,14 @@ def _load_digits(cfg: DataConfig) -> Arrays:
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[..., None]  # pixel values are 0..16
     y = bunch.target.astype(np.int32)
-    x_tr, y_tr, x_va, y_va = _split(_resize(x, cfg.image_size), y, cfg)
+    x_tr, y_tr, x_va, y_va = _split(_resize(x, cfg.size), y, cfg)
     return Arrays(x_tr, y_tr, x_va, y_va, num_classes=10)
 
 
 def _load_synthetic(cfg: DataConfig) -> Arrays:
     """Class-dependent mean patterns plus noise: learnable, so accuracy moves during tests."""
     rng = np.random.default_rng(cfg.seed)
-    shape = (cfg.image_size, cfg.image_size, cfg.channels)
+    shape = (*cfg.size, cfg.channels or 1)
     prototypes = rng.uniform(0.0, 1.0, size=(cfg.num_classes, *shape)).astype(np.float32)
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +213,7 @@ def _load_npz(cfg: DataConfig) -> Arrays:
     y_tr = _labels(arrays["y_train"], len(x_tr), "train", path)
     y_te = _labels(arrays["y_test"], len(x_te), "test", path)
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
-    return Arrays(_resize(x_tr, cfg.image_size), y_tr, _resize(x_te, cfg.image_size), y_te,
+    return Arrays(_resize(x_tr, cfg.size), y_tr, _resize(x_te, cfg.size), y_te,
                   num_classes=num_classes)
 
 
@@ -164,6 +258,6 @@ def _load_tfds(cfg: DataConfig) -> Arrays:
                         "data=npz data.path=FILE") from exc
     x_tr = _images(np.asarray(x_tr), "x_train", cfg.name)
     x_te = _images(np.asarray(x_te), "x_test", cfg.name)
-    return Arrays(_resize(x_tr, cfg.image_size), _labels(y_tr, len(x_tr), "train", cfg.name),
-                  _resize(x_te, cfg.image_size), _labels(y_te, len(x_te), "test", cfg.name),
+    return Arrays(_resize(x_tr, cfg.size), _labels(y_tr, len(x_tr), "train", cfg.name),
+                  _resize(x_te, cfg.size), _labels(y_te, len(x_te), "test", cfg.name),
                   num_classes=10)

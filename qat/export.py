@@ -14,7 +14,7 @@ import numbers
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
@@ -22,10 +22,10 @@ import tensorflow_model_optimization as tfmot
 import tf_keras
 
 from qat.config import ExportConfig, QATConfig, QuantConfig
-from qat.data import Arrays, load_arrays
+from qat.data import Data, load_data
 from qat.errors import ExportError, QatError, report_error
 from qat.files import write_atomic, write_json
-from qat.fold import dequantized_float_model, fold_batchnorms, parity
+from qat.fold import check_parity, dequantized_float_model, fold_batchnorms
 from qat.lock import run_lock
 from qat.phases import (
     build_float_model,
@@ -79,41 +79,71 @@ def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
 
 # -- evaluation of written files ----------------------------------------------------------------
 Inputs = np.ndarray | dict[str, np.ndarray]
+Batches = Callable[[], Iterable[tuple[Inputs, np.ndarray]]]  # re-iterable: one pass per call
 
 
-def tflite_logits(path: str, x: Inputs) -> np.ndarray:
-    """Run a .tflite file on float inputs; (de)quantizes int8 I/O with the file's params.
+class TFLiteModel:
+    """A .tflite file as a batch → float logits function; (de)quantizes int8 I/O with the
+    file's params. Inputs: one array (one-input model) or arrays keyed by the Keras input
+    names (the file's signature keeps them)."""
 
-    `x`: one array (a one-input model), or arrays keyed by the Keras input names (the file's
-    signature keeps them), so several inputs are each fed their own data.
-    """
-    from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path: str) -> None:
+        from ai_edge_litert.interpreter import Interpreter
 
-    runner = Interpreter(model_path=path).get_signature_runner()
-    inputs = runner.get_input_details()
-    if not isinstance(x, dict):
-        if len(inputs) != 1:
-            raise ExportError(f"{path} has inputs {sorted(inputs)}: pass a dict of arrays")
-        x = {next(iter(inputs)): x}
-    if set(x) != set(inputs):
-        raise ExportError(f"{path} has inputs {sorted(inputs)}, the data {sorted(x)}")
-    count = len(next(iter(x.values())))
-    outputs = []
-    for start in range(0, count, EVAL_BATCH):
+        self.path = path
+        self.runner = Interpreter(model_path=path).get_signature_runner()
+        self.inputs = self.runner.get_input_details()
+
+    def __call__(self, x: Inputs) -> np.ndarray:
+        if not isinstance(x, dict):
+            if len(self.inputs) != 1:
+                raise ExportError(f"{self.path} has inputs {sorted(self.inputs)}: pass a dict")
+            x = {next(iter(self.inputs)): x}
+        if set(x) != set(self.inputs):
+            raise ExportError(f"{self.path} has inputs {sorted(self.inputs)}, the data {sorted(x)}")
         feed = {}
-        for name, array in x.items():
-            batch = np.asarray(array[start:start + EVAL_BATCH], np.float32)
-            if inputs[name]["dtype"] == np.int8:
-                scale, zero = inputs[name]["quantization"]
+        for name, batch in x.items():
+            batch = np.asarray(batch, np.float32)
+            if self.inputs[name]["dtype"] == np.int8:
+                scale, zero = self.inputs[name]["quantization"]
                 batch = np.clip(np.round(batch / scale + zero), -128, 127).astype(np.int8)
             feed[name] = batch
-        (name, y), = runner(**feed).items()
-        out = runner.get_output_details()[name]
+        ((name, y),) = self.runner(**feed).items()
+        out = self.runner.get_output_details()[name]
         if out["dtype"] == np.int8:
             scale, zero = out["quantization"]
             y = (y.astype(np.float32) - zero) * scale
-        outputs.append(y)
-    return np.concatenate(outputs)
+        return y
+
+
+def array_batches(x: Inputs, y: np.ndarray, size: int = EVAL_BATCH) -> Batches:
+    """In-memory arrays as evaluation batches (a dict of arrays is sliced per input)."""
+    def take(start):
+        if isinstance(x, dict):
+            return {name: array[start:start + size] for name, array in x.items()}
+        return x[start:start + size]
+
+    return lambda: ((take(start), y[start:start + size]) for start in range(0, len(y), size))
+
+
+def predict(model: Callable[[Inputs], np.ndarray], batches: Batches
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of one pass over `batches`; `model`: a batch → logits function."""
+    logits, labels = [], []
+    for x, y in batches():
+        logits.append(np.asarray(model(x)))
+        labels.append(y)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def keras_logits(model: tf_keras.Model) -> Callable[[Inputs], np.ndarray]:
+    return lambda x: model.predict_on_batch(x)
+
+
+def tflite_logits(path: str, x: Inputs) -> np.ndarray:
+    """Run a .tflite file on float inputs (arrays, or a dict of arrays by input name)."""
+    count = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    return predict(TFLiteModel(path), array_batches(x, np.zeros(count)))[0]
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -173,38 +203,48 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
 
 
 # -- the whole step -------------------------------------------------------------------------------
-def export_run(settings: QATConfig, arrays: Arrays | None = None) -> dict:
-    """Fold, export and evaluate the quant checkpoint of `settings.run.dir`; writes report.json."""
-    arrays = arrays or load_arrays(settings.data)
+def export_run(settings: QATConfig, data: Data | None = None) -> dict:
+    """Fold, export and evaluate the quant checkpoint of `settings.run.dir`; writes report.json.
+    The files are evaluated on the validation stream (at most export.max_examples images)."""
+    data = data or load_data(settings.data)
     # One float model: a second build could name auto-named layers differently (Keras counts
     # names per process), and export matches layers by name. quantize_model copies its weights.
-    float_model = build_float_model(settings, arrays)
+    float_model = build_float_model(settings, data)
     qmodel = build_quant_model(settings, float_model)
     restore_model(qmodel, phase_dir(settings, "quant"), "quant")
-    ptq = (lambda staging: _ptq_baseline(settings, arrays, staging)) if (
+    cap = settings.export.max_examples
+
+    def batches():  # re-iterable: each evaluation pass streams the split again
+        return data.val_batches(EVAL_BATCH, cap)
+
+    ptq = (lambda staging: _ptq_baseline(settings, data, batches, staging)) if (
         settings.export.ptq) else None
-    report = export_quant_model(qmodel, float_model, arrays.x_val,
-                                arrays.y_val, os.path.join(settings.run.dir, "export"),
+    report = export_quant_model(qmodel, float_model, batches, None,
+                                os.path.join(settings.run.dir, "export"),
                                 settings.quant, settings.export, extra=ptq)
     _log_report(report, tb_dir(settings, "quant"))
     return report
 
 
-def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model, x: Inputs,
-                       y: np.ndarray, out_dir: str, quant: QuantConfig, export: ExportConfig,
+def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
+                       x: Inputs | Batches, y: np.ndarray | None, out_dir: str,
+                       quant: QuantConfig, export: ExportConfig,
                        extra: Callable[[str], dict] | None = None) -> dict:
     """Fold a trained QAT model, write SavedModel + float/int8 TFLite + report.json to `out_dir`
     and evaluate the written files on (x, y); `x`: an array, or one per input (list in
-    `model.inputs` order, or dict by input name). `float_model`: a fresh float model of the same
-    architecture (its weights are overwritten). `extra(staging_dir)` may add files and figures.
-    `out_dir` is replaced only once everything is written: a failed export leaves it as it was.
+    `model.inputs` order, or dict by input name), or `Batches` (then `y` is None).
+    `float_model`: a fresh float model of the same architecture (its weights are overwritten).
+    `extra(staging_dir)` may add files and figures. `out_dir` is replaced only once everything
+    is written: a failed export leaves it as it was.
     """
     if isinstance(x, list | tuple):  # one array per model input, in model.inputs order
         x = dict(zip(float_model.input_names, x, strict=True))
-    qat_logits = qmodel.predict(x, verbose=0, batch_size=EVAL_BATCH)
+    batches = x if callable(x) else array_batches(x, y)
+    qat_logits, labels = predict(keras_logits(qmodel), batches)
     unfolded = dequantized_float_model(qmodel, float_model)
     folded = fold_batchnorms(unfolded)
-    fold_diff = parity(unfolded, folded, x, export.fold_tolerance)
+    fold_diff = check_parity(predict(keras_logits(unfolded), batches)[0],
+                             predict(keras_logits(folded), batches)[0], export.fold_tolerance)
 
     qfolded = quantize_model(folded, quant)
     aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}
@@ -215,8 +255,8 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model, x: I
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        report = {"fold_max_abs_diff": fold_diff,
-                  **_write_files(folded, qfolded, x, y, qat_logits, export, staging)}
+        report = {"fold_max_abs_diff": fold_diff, "eval_examples": len(labels),
+                  **_write_files(folded, qfolded, batches, labels, qat_logits, export, staging)}
         if extra is not None:
             report.update(extra(staging))
         write_json(os.path.join(staging, "report.json"), report)
@@ -228,8 +268,9 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model, x: I
     return report
 
 
-def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, x: Inputs, y: np.ndarray,
-                 qat_logits: np.ndarray, export: ExportConfig, staging: str) -> dict:
+def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, batches: Batches,
+                 labels: np.ndarray, qat_logits: np.ndarray, export: ExportConfig,
+                 staging: str) -> dict:
     """Write the model files into `staging`, check the int8 one, evaluate both."""
     folded.save(os.path.join(staging, "saved_model"), save_format="tf")
     float_path, int8_path = (os.path.join(staging, f) for f in ("model_float.tflite",
@@ -241,11 +282,11 @@ def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, x: Inputs, y: 
     if not inspection.full_int8:
         log.warning("export.allow_float_ops=true: model_int8.tflite keeps %d float op(s): %s",
                     len(inspection.float_ops), ", ".join(inspection.float_ops[:5]))
-    int8_logits = tflite_logits(int8_path, x)
+    int8_logits = predict(TFLiteModel(int8_path), batches)[0]
     return {
-        "qat_val_accuracy": accuracy(qat_logits, y),
-        "tflite_float_accuracy": accuracy(tflite_logits(float_path, x), y),
-        "tflite_int8_accuracy": accuracy(int8_logits, y),
+        "qat_val_accuracy": accuracy(qat_logits, labels),
+        "tflite_float_accuracy": accuracy(predict(TFLiteModel(float_path), batches)[0], labels),
+        "tflite_int8_accuracy": accuracy(int8_logits, labels),
         "int8_agreement": float(np.mean(np.argmax(int8_logits, -1) == np.argmax(qat_logits, -1))),
         "float_bytes": float_bytes,
         "int8_bytes": int8_bytes,
@@ -254,17 +295,17 @@ def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, x: Inputs, y: 
     }
 
 
-def _ptq_baseline(settings: QATConfig, arrays: Arrays, out_dir: str) -> dict:
-    float_model = build_float_model(settings, arrays)
+def _ptq_baseline(settings: QATConfig, data: Data, batches: Batches, out_dir: str) -> dict:
+    float_model = build_float_model(settings, data)
     restore_float_weights(settings, float_model)
     folded = fold_batchnorms(float_model)
-    rng = np.random.default_rng(settings.data.seed)
-    n = min(len(arrays.x_train), settings.export.calibration_batches * settings.trainer.batch_size)
-    calibration = arrays.x_train[rng.choice(len(arrays.x_train), n, replace=False)]
+    n = min(data.train_examples,
+            settings.export.calibration_batches * settings.trainer.batch_size)
+    calibration = data.sample_train(n, settings.data.seed)
     path = os.path.join(out_dir, "model_ptq_int8.tflite")
     size = export_ptq_tflite(folded, calibration, path, settings.export.int8_io)
-    return {"ptq_int8_accuracy": accuracy(tflite_logits(path, arrays.x_val), arrays.y_val),
-            "ptq_int8_bytes": size}
+    logits, labels = predict(TFLiteModel(path), batches)
+    return {"ptq_int8_accuracy": accuracy(logits, labels), "ptq_int8_bytes": size}
 
 
 def _log_report(report: dict, log_dir: str) -> None:

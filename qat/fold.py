@@ -106,8 +106,12 @@ def _short_name(variable) -> str:
 def parity(reference: tf_keras.Model, folded: tf_keras.Model, x: np.ndarray,
            tolerance: float) -> float:
     """Max |Δlogit| between the models in inference mode; raises above tolerance × max |logit|."""
-    ref = reference.predict(x, verbose=0, batch_size=256)
-    out = folded.predict(x, verbose=0, batch_size=256)
+    return check_parity(reference.predict(x, verbose=0, batch_size=256),
+                        folded.predict(x, verbose=0, batch_size=256), tolerance)
+
+
+def check_parity(ref: np.ndarray, out: np.ndarray, tolerance: float) -> float:
+    """`parity` on logits already computed (export streams its evaluation batches)."""
     diff = float(np.max(np.abs(ref - out)))
     bound = tolerance * max(float(np.max(np.abs(ref))), 1.0)
     if not diff <= bound:

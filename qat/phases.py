@@ -18,17 +18,19 @@ import tf_keras
 
 from qat import callbacks as qcb
 from qat.config import QATConfig, settings_to_dict
-from qat.data import Arrays, load_arrays, make_dataset
+from qat.data import Data, batches, load_data
 from qat.distribute import is_chief, write_dir
 from qat.errors import CheckpointError, RunDirError, TrainingError
 from qat.files import write_json
 from qat.layers import batchnorm_layers
 from qat.quantize import quantization_plan, quantize_model
+from qat.recipe import classification_loss, learning_rate_schedule, make_optimizer, phase_recipe
 from qat.sources import load_float_model
 
 CHECKPOINT_PREFIX = "ckpt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+DATA_FILE = "data.json"  # input shape, classes (names for data=folder), split sizes
 PLAN_FILE = "plan.json"  # quant phase: every layer's quantizers, bits and BN handling
 CHECKPOINTS_KEPT = 3
 BACKUP_DIR = "backup"  # BackupAndRestore's state for resuming an interrupted phase
@@ -61,8 +63,8 @@ def float_checkpoint_dir(settings: QATConfig) -> str:
 
 
 # -- models ---------------------------------------------------------------------------------
-def build_float_model(settings: QATConfig, arrays: Arrays) -> tf_keras.Model:
-    return load_float_model(settings.model, arrays.input_shape, arrays.num_classes)
+def build_float_model(settings: QATConfig, data: Data) -> tf_keras.Model:
+    return load_float_model(settings.model, data.input_shape, data.num_classes)
 
 
 def restore_float_weights(settings: QATConfig, float_model: tf_keras.Model) -> None:
@@ -124,15 +126,17 @@ def _ensure_writable(directory: str) -> None:
                           "run.dir") from exc
 
 
-def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str, *, epochs: int,
-         learning_rate: float, extra_callbacks: list | None = None,
-         files: dict | None = None) -> dict:
+def _fit(model: tf_keras.Model, data: Data, settings: QATConfig, phase: str, *, epochs: int,
+         extra_callbacks: list | None = None, files: dict | None = None) -> dict:
     """Compile and `fit` with qat's callbacks; an interrupted phase resumes from its backup.
     `files`: {name: JSON-able}, written into the phase dir with its config."""
     trainer = settings.trainer
     chief = is_chief()
     directory, tb = phase_dir(settings, phase), tb_dir(settings, phase)
     backup = os.path.join(directory, BACKUP_DIR)
+    steps_per_epoch = trainer.steps_per_epoch or max(1, data.train_examples // trainer.batch_size)
+    recipe = phase_recipe(settings, phase)  # before any write: a bad recipe changes nothing
+    optimizer = make_optimizer(recipe, learning_rate_schedule(recipe, steps_per_epoch, epochs))
     if chief:
         _prepare_phase_dir(directory, tb, settings.run.overwrite)
         _check_resumable(directory, backup, settings)
@@ -140,11 +144,11 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
         if os.path.isdir(backup):
             log.info("%s phase: resuming the interrupted run from %s", phase, backup)
         write_json(os.path.join(directory, CONFIG_FILE), settings_to_dict(settings))
-        for name, content in (files or {}).items():
+        for name, content in {DATA_FILE: data.describe(), **(files or {})}.items():
             write_json(os.path.join(directory, name), content)
 
-    model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate),
-                  loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    model.compile(optimizer=optimizer,
+                  loss=classification_loss(trainer.label_smoothing, data.num_classes),
                   metrics=["accuracy"])
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
@@ -153,9 +157,11 @@ def _fit(model: tf_keras.Model, arrays: Arrays, settings: QATConfig, phase: str,
                                          checkpoint_name=CHECKPOINT_PREFIX)
 
     # With a steps_per_epoch cap Keras keeps one iterator across epochs: it must not run dry.
-    train = make_dataset(arrays.x_train, arrays.y_train, trainer.batch_size, shuffle=True,
-                         seed=trainer.seed, repeat=trainer.steps_per_epoch is not None)
-    val = make_dataset(arrays.x_val, arrays.y_val, trainer.batch_size, shuffle=False, seed=0)
+    train = batches(data.train, trainer.batch_size, shuffle=True, seed=trainer.seed,
+                    repeat=trainer.steps_per_epoch is not None, decode=data.decode,
+                    augment=settings.data.augment, cache=settings.data.cache,
+                    buffer=data.train_examples)
+    val = batches(data.val, trainer.batch_size, decode=data.decode, cache=settings.data.cache)
     timer = qcb.StepTimer(write_dir(os.path.join(tb, "train")), trainer.batch_size)
     guard = qcb.StopOnNonFinite()
     callbacks = [
@@ -211,21 +217,20 @@ def _check_resumable(directory: str, backup: str, settings: QATConfig) -> None:
                           "pass run.overwrite=true to start over")
 
 
-def run_float(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:
+def run_float(settings: QATConfig, data: Data | None = None) -> PhaseResult:
     """Float pretraining with fused BN; every checkpoint holds the BN moving statistics."""
-    arrays = arrays or load_arrays(settings.data)
+    data = data or load_data(settings.data)
     tf_keras.utils.set_random_seed(settings.trainer.seed)
-    model = build_float_model(settings, arrays)
-    metrics = _fit(model, arrays, settings, "float", epochs=settings.trainer.epochs,
-                   learning_rate=settings.trainer.learning_rate)
+    model = build_float_model(settings, data)
+    metrics = _fit(model, data, settings, "float", epochs=settings.trainer.epochs)
     return PhaseResult(metrics, model)
 
 
-def run_quant(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:
+def run_quant(settings: QATConfig, data: Data | None = None) -> PhaseResult:
     """Restore the float checkpoint, switch quantization on, fine-tune with fake quantization."""
-    arrays = arrays or load_arrays(settings.data)
+    data = data or load_data(settings.data)
     tf_keras.utils.set_random_seed(settings.trainer.seed)
-    float_model = build_float_model(settings, arrays)
+    float_model = build_float_model(settings, data)
     restore_float_weights(settings, float_model)
     qmodel = build_quant_model(settings, float_model)
     extra = []
@@ -233,8 +238,6 @@ def run_quant(settings: QATConfig, arrays: Arrays | None = None) -> PhaseResult:
         extra.append(qcb.FreezeBatchNormAfter(batchnorm_layers(qmodel),
                                               settings.quant.freeze_bn_after_steps))
     plan = {"layers": quantization_plan(float_model, settings.quant)}
-    metrics = _fit(qmodel, arrays, settings, "quant", epochs=settings.quant.epochs,
-                   learning_rate=settings.quant.learning_rate, extra_callbacks=extra,
-                   files={PLAN_FILE: plan})
+    metrics = _fit(qmodel, data, settings, "quant", epochs=settings.quant.epochs,
+                   extra_callbacks=extra, files={PLAN_FILE: plan})
     return PhaseResult(metrics, qmodel)
-

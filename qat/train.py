@@ -45,21 +45,25 @@ def train(settings: QATConfig, threads: int = 0) -> dict:
 
 def _run_steps(settings: QATConfig, strategy) -> dict:
     from qat import phases
-    from qat.data import load_arrays
+    from qat.data import load_data
     from qat.distribute import is_chief
+    from qat.recipe import check_optimizer, phase_recipe
 
-    arrays = load_arrays(settings.data)
+    for step in settings.phase.steps:  # every phase's optimizer imports, before anything runs
+        if step != "export":
+            check_optimizer(phase_recipe(settings, step))
+    data = load_data(settings.data)
     results: dict = {}
     for step in settings.phase.steps:
         if step == "export":  # one process, no collectives: outside the strategy
             if is_chief(strategy):
                 from qat.export import export_run
 
-                results["export"] = export_run(settings, arrays)
+                results["export"] = export_run(settings, data)
             continue
         run_phase = phases.run_float if step == "float" else phases.run_quant
         with strategy.scope():
-            results[step] = run_phase(settings, arrays).metrics
+            results[step] = run_phase(settings, data).metrics
     return results
 
 

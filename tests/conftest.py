@@ -18,3 +18,30 @@ def run_cli(*args: str, timeout: int = 600,
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def write_image_folder(root, per_class: int | None = None, layout: str = "flat",
+                       size: int = 8) -> dict:
+    """The embedded digits written as PNG files in class folders (what `data=folder` reads):
+    layout "flat" (root/<digit>/) or "split" (root/train/<digit>/, root/val/<digit>/).
+    Returns {path: pixels (H×W uint8)} of every file written."""
+    import numpy as np
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * 255.0 / 16.0).astype(np.uint8)
+    if size != 8:
+        images = tf.image.resize(images[..., None], (size, size), "nearest").numpy()[..., 0]
+    written, counts = {}, {}
+    for index, (image, label) in enumerate(zip(images, bunch.target, strict=True)):
+        if per_class is not None and counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        split = "" if layout == "flat" else ("val" if index % 5 == 0 else "train")
+        directory = root / split / f"digit_{label}"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{index:04d}.png"
+        path.write_bytes(tf.io.encode_png(image[..., None]).numpy())
+        written[str(path)] = image
+    return written

@@ -1,5 +1,7 @@
 """Datasets: the embedded digits split, npz layouts and their errors, synthetic data."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -66,3 +68,101 @@ def test_synthetic_shapes_and_pipeline():
     assert data.input_shape == (8, 8, 3) and data.num_classes == 4
     batches = list(make_dataset(data.x_train, data.y_train, 16, shuffle=True, seed=0))
     assert len(batches) == 4 and batches[0][0].shape == (16, 8, 8, 3)
+
+
+def test_npz_images_keep_their_own_size_unless_asked(tmp_path):
+    path = _npz(tmp_path, **_mnist_like(hw=10))
+    assert load_arrays(DataConfig(name="npz", path=path)).input_shape == (10, 10, 1)
+    data = load_arrays(DataConfig(name="npz", path=path, image_size=[6, 12], channels=3))
+    assert data.input_shape == (6, 12, 3)
+    np.testing.assert_array_equal(data.x_val[..., 0], data.x_val[..., 2])  # gray → RGB
+
+
+# -- data=folder ------------------------------------------------------------------------------
+def _folder(tmp_path, **kwargs):
+    from qat.data import load_data
+
+    return load_data(DataConfig(name="folder", path=str(tmp_path / "images"), **kwargs))
+
+
+def test_folder_streams_the_files_it_lists(tmp_path):
+    from tests.conftest import write_image_folder
+
+    written = write_image_folder(tmp_path / "images", per_class=6)
+    data = _folder(tmp_path, channels=3)
+    assert data.class_names == tuple(f"digit_{d}" for d in range(10))
+    assert data.input_shape == (8, 8, 3) and data.num_classes == 10
+    assert data.train_examples + data.val_examples == len(written) == 60
+    assert data.val_examples == 12  # data.val_fraction of the files, split with data.seed
+    # Decoded lazily, values exact (PNG is lossless): image = file pixels / 255, gray → RGB.
+    paths = [p.decode() for p, _ in data.val.as_numpy_iterator()]
+    images = np.concatenate([x for x, _ in data.val_batches(5)])
+    for path, image in zip(paths, images, strict=True):
+        np.testing.assert_allclose(image[..., 1], written[path] / 255.0, atol=1e-6)
+    labels = np.concatenate([y for _, y in data.val_batches(5)])
+    assert all(f"digit_{label}" in path for path, label in zip(paths, labels, strict=True))
+    # max_examples caps evaluation; the training stream keeps full batches.
+    assert sum(len(y) for _, y in data.val_batches(5, max_examples=7)) == 7
+
+
+def test_folder_with_train_and_val_folders_and_a_resize(tmp_path):
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path / "images", per_class=5, layout="split")
+    data = _folder(tmp_path, image_size=[12, 10], channels=1)
+    assert data.input_shape == (12, 10, 1)
+    assert (data.train_examples, data.val_examples) == (40, 10)  # every 5th file is in val/
+    x, _ = next(iter(data.val_batches(4)))
+    assert x.shape == (4, 12, 10, 1)
+
+
+def test_folder_skips_an_unreadable_file(tmp_path):
+    from qat.data import batches
+    from tests.conftest import write_image_folder
+
+    written = write_image_folder(tmp_path / "images", per_class=3)
+    broken = sorted(written)[-1]
+    with open(broken, "wb") as fh:
+        fh.write(b"not a png")
+    data = _folder(tmp_path, val_fraction=0.1)
+    seen = sum(len(y) for ds in (data.train, data.val)
+               for _, y in batches(ds, 4, decode=data.decode).as_numpy_iterator())
+    assert seen == len(written) - 1
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "is not a directory"),
+    (lambda root: root.mkdir(), "has no class folders"),
+    (lambda root: (root / "cats").mkdir(parents=True), "has one class folder (cats)"),
+    (lambda root: [(root / c).mkdir(parents=True) for c in ("a", "b")], "no .png"),
+    (lambda root: [(root / c / "x.png").parent.mkdir(parents=True) or
+                   (root / c / "x.png").write_bytes(b"junk") for c in ("a", "b")],
+     "could be decoded"),
+    (lambda root: (root / "train" / "a").mkdir(parents=True), "no val/"),
+])
+def test_folder_errors(tmp_path, make, message):
+    make(tmp_path / "images")
+    with pytest.raises(DataError, match=re.escape(message)):
+        _folder(tmp_path)
+
+
+def test_augmentation_only_in_training_and_keeps_the_shape(tmp_path):
+    from qat.config import AugmentConfig
+    from qat.data import Data, batches
+
+    arrays = load_arrays(DataConfig(image_size=12))
+    data = Data.from_arrays(arrays)
+    augment = AugmentConfig(flip=True, crop_padding=2, brightness=0.1, crop_scale_min=0.5)
+    x, y = next(iter(batches(data.train, 64, shuffle=False, augment=augment)))
+    assert x.shape == (64, 12, 12, 1) and float(np.min(x)) >= 0.0 and float(np.max(x)) <= 1.0
+    assert np.abs(x.numpy() - arrays.x_train[:64]).max() > 0.1  # changed
+    np.testing.assert_array_equal(y.numpy(), arrays.y_train[:64])
+    flip_only = AugmentConfig(flip=True)
+    x, _ = next(iter(batches(data.train, 256, augment=flip_only)))
+    same = [np.array_equal(a, b) for a, b in zip(x.numpy(), arrays.x_train[:256], strict=True)]
+    mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in zip(x.numpy(), arrays.x_train[:256],
+                                                              strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))
+    assert 0.3 < np.mean(mirrored) < 0.7
+    val = np.concatenate([v for v, _ in data.val_batches(128)])  # evaluation: never augmented
+    np.testing.assert_array_equal(val, arrays.x_val)

@@ -68,6 +68,12 @@ def _user_model(path, image_size=8, activation="relu_layer"):
     return f"model.path={path}"
 
 
+def _folder(root, classes):
+    for name in classes:
+        (root / name).mkdir(parents=True)
+    return f"data.path={root}"
+
+
 # name, arguments (a callable gets (tmp_path, float_run)), exit code, message
 CASES = [
     ("unknown keras arch", ["model=keras", "model.arch=ResNet51"], 2,
@@ -95,6 +101,16 @@ CASES = [
      lambda tmp, fr: ["phase=quant", _corrupt_copy(fr, tmp / "corrupt")], 2,
      "is corrupt or truncated"),
     ("npz missing file", ["data=npz", "data.path=/nonexistent/data.npz"], 2, "does not exist"),
+    ("folder missing", ["data=folder", "data.path=/nonexistent/images"], 2,
+     "is not a directory"),
+    ("folder with one class", lambda tmp, fr: ["data=folder", _folder(tmp / "one", ["cats"])], 2,
+     "has one class folder (cats)"),
+    ("folder without images", lambda tmp, fr: ["data=folder", _folder(tmp / "e", ["a", "b"])],
+     2, "has class folders but no"),
+    ("optimizer that does not import", ["trainer.optimizer._target_=tf_keras.optimizers.Nope"],
+     2, "trainer.optimizer._target_=tf_keras.optimizers.Nope does not import"),
+    ("warmup longer than training", ["trainer.schedule.warmup_epochs=5"], 2,
+     "trainer.schedule.warmup_epochs=5.0 must be >= 0 and shorter than the phase (1 epochs)"),
     ("npz missing keys", lambda tmp, fr: ["data=npz", _npz(tmp / "a.npz", y_test=None)], 2,
      "lacks ['y_test']"),
     ("npz labels out of range",

@@ -102,3 +102,35 @@ def test_quant_phase_fine_tunes_a_users_trained_keras_model(tmp_path, suffix):
     assert report["tflite_int8_accuracy"] >= float_accuracy - 0.01
     assert report["int8_agreement"] >= 0.99
     assert report["int8_float_tensors"] == []
+
+
+def test_folder_of_images_with_augmentation_and_a_cosine_schedule(tmp_path):
+    """data=folder end to end: streamed PNGs, training-only augmentation, warmup + cosine,
+    the learning rate in TensorBoard, class names in the run dir, the int8 file evaluated."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    proc = run_cli("qat.train", "phase=all", "data=folder", f"data.path={tmp_path / 'images'}",
+                   "data.image_size=16", "data.augment.crop_padding=2", "trainer.epochs=6",
+                   "trainer.schedule.name=cosine", "trainer.schedule.warmup_epochs=1",
+                   "quant.epochs=1", f"run.dir={run}", "trainer.verbose=0",
+                   "export.max_examples=200")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    described = json.loads((run / "float" / "data.json").read_text())
+    assert described["class_names"] == [f"digit_{d}" for d in range(10)]
+    assert described["input_shape"] == [16, 16, 3]
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert report["eval_examples"] == 200
+    assert report["tflite_int8_accuracy"] >= 0.85 and report["int8_agreement"] >= 0.99
+    rates = []
+    for events in sorted((run / "tb" / "float" / "train").glob("events.out.tfevents*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "epoch_learning_rate" in acc.Tags()["tensors"]:
+            rates = [float(tf.make_ndarray(event.tensor_proto))
+                     for event in acc.Tensors("epoch_learning_rate")]
+    assert len(rates) == 6 and rates[0] == max(rates) and rates[-1] < 0.1 * rates[0]
