@@ -267,6 +267,9 @@ class QuantConfig:
     bn_variance: str = "inv_std"  # bn_target=params: quantize 1/sqrt(var+eps), or var itself
     freeze_bn_after_steps: int | None = None  # quant-phase steps; null: never freeze
     activation_ema_decay: float = 0.99  # tfmot hard-codes 0.999: too slow for short fine-tunes
+    # The model input's range, fixed (not averaged): [0, 1] for qat's images (configs/quant),
+    # which makes a uint8 input of the int8 file the raw pixels. null: EMA like activations.
+    input_range: list[float] | None = None
     # Per-layer precision: {name pattern: LayerOverride}; later patterns override earlier ones.
     # (Typed as Any for Hydra: `quant.layers={conv1:{weight_bits:8}}` assigns plain dicts.)
     layers: dict[str, Any] = field(default_factory=dict)
@@ -291,6 +294,9 @@ class QuantConfig:
                  f"quant.freeze_bn_after_steps={self.freeze_bn_after_steps} must be >= 0 or null")
         _require(0.0 <= self.activation_ema_decay < 1.0,
                  f"quant.activation_ema_decay={self.activation_ema_decay} must be in [0, 1)")
+        _require(self.input_range is None or (
+            len(self.input_range) == 2 and self.input_range[0] <= 0.0 < self.input_range[1]),
+            f"quant.input_range={self.input_range} must be [low, high] with low <= 0 < high")
         self.layers = {pattern: _layer_override(pattern, value)
                        for pattern, value in self.layers.items()}
         for pattern, override in self.layers.items():
@@ -305,6 +311,8 @@ class QuantConfig:
 @dataclass
 class ExportConfig:
     int8_io: bool = True  # int8 input/output tensors; false keeps float I/O around int8 compute
+    # int8_io: the input tensor's type. uint8 with quant.input_range=[0, 1] takes raw pixels.
+    input_dtype: str = "int8"
     ptq: bool = False  # also post-training-quantize the float checkpoint, as a baseline
     calibration_batches: int = 8  # PTQ representative dataset size, in batches
     fold_tolerance: float = 1e-4  # max |dlogit| / max |logit| allowed between folded and unfolded
@@ -315,6 +323,10 @@ class ExportConfig:
         _require(self.calibration_batches >= 1,
                  f"export.calibration_batches={self.calibration_batches} must be >= 1")
         _require(self.fold_tolerance > 0, "export.fold_tolerance must be > 0")
+        _require(self.input_dtype in ("int8", "uint8"),
+                 f"export.input_dtype={self.input_dtype} is unknown: use int8 or uint8")
+        _require(self.int8_io or self.input_dtype == "int8",
+                 "export.input_dtype=uint8 needs export.int8_io=true (integer input)")
         _require(self.max_examples is None or self.max_examples >= 1,
                  f"export.max_examples={self.max_examples} must be >= 1 or null")
 

@@ -54,18 +54,20 @@ def export_float_tflite(model: tf_keras.Model, path: str) -> int:
     return write_atomic(path, converter.convert())
 
 
-def _int8_converter(model: tf_keras.Model, int8_io: bool) -> tf.lite.TFLiteConverter:
+def _int8_converter(model: tf_keras.Model, int8_io: bool,
+                    input_dtype: str = "int8") -> tf.lite.TFLiteConverter:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if int8_io:
-        converter.inference_input_type = tf.int8
+        converter.inference_input_type = tf.uint8 if input_dtype == "uint8" else tf.int8
         converter.inference_output_type = tf.int8
     return converter
 
 
-def export_int8_tflite(qmodel: tf_keras.Model, path: str, int8_io: bool) -> int:
+def export_int8_tflite(qmodel: tf_keras.Model, path: str, int8_io: bool,
+                       input_dtype: str = "int8") -> int:
     """Full-integer file from a fake-quant model: ranges come from its FakeQuant ops."""
-    return write_atomic(path, _int8_converter(qmodel, int8_io).convert())
+    return write_atomic(path, _int8_converter(qmodel, int8_io, input_dtype).convert())
 
 
 def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
@@ -104,9 +106,11 @@ class TFLiteModel:
         feed = {}
         for name, batch in x.items():
             batch = np.asarray(batch, np.float32)
-            if self.inputs[name]["dtype"] == np.int8:
+            dtype = self.inputs[name]["dtype"]
+            if dtype in (np.int8, np.uint8):
                 scale, zero = self.inputs[name]["quantization"]
-                batch = np.clip(np.round(batch / scale + zero), -128, 127).astype(np.int8)
+                info = np.iinfo(dtype)
+                batch = np.clip(np.round(batch / scale + zero), info.min, info.max).astype(dtype)
             feed[name] = batch
         ((name, y),) = self.runner(**feed).items()
         out = self.runner.get_output_details()[name]
@@ -276,7 +280,7 @@ def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, batches: Batch
     float_path, int8_path = (os.path.join(staging, f) for f in ("model_float.tflite",
                                                                 "model_int8.tflite"))
     float_bytes = export_float_tflite(folded, float_path)
-    int8_bytes = export_int8_tflite(qfolded, int8_path, export.int8_io)
+    int8_bytes = export_int8_tflite(qfolded, int8_path, export.int8_io, export.input_dtype)
     # Stops here, before any evaluation, unless the file is full-int8 (or allowed not to be).
     inspection = check_full_int8(int8_path, export.int8_io, export.allow_float_ops)
     if not inspection.full_int8:

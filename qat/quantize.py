@@ -74,20 +74,24 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
     the pass that finds the batch minimum.
     """
 
-    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, relu: bool = False):
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, relu: bool = False,
+                 fixed_range: tuple[float, float] | None = None):
         self.num_bits = int(num_bits)
         self.ema_decay = float(ema_decay)
         self.relu = bool(relu)
+        # A known range (images in [0, 1]) is kept as is, never averaged: with 8 bits it makes
+        # the int8 input exactly pixel - 128, and a uint8 input exactly the raw pixel.
+        self.fixed_range = tuple(map(float, fixed_range)) if fixed_range else None
 
     def build(self, tensor_shape, name, layer):
         constant = tf_keras.initializers.Constant
         # Under tf.distribute each replica sees its own batch: ranges are averaged across them.
         mean = tf.VariableAggregation.MEAN
+        low, high = self.fixed_range or (0.0 if self.relu else -INITIAL_RANGE, INITIAL_RANGE)
         return {
-            "min_var": layer.add_weight(f"{name}_min",
-                                        initializer=constant(0.0 if self.relu else -INITIAL_RANGE),
+            "min_var": layer.add_weight(f"{name}_min", initializer=constant(low),
                                         trainable=False, aggregation=mean),
-            "max_var": layer.add_weight(f"{name}_max", initializer=constant(INITIAL_RANGE),
+            "max_var": layer.add_weight(f"{name}_max", initializer=constant(high),
                                         trainable=False, aggregation=mean),
             "seen": layer.add_weight(f"{name}_seen", initializer="zeros", trainable=False,
                                      aggregation=mean),
@@ -95,7 +99,7 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
 
     def __call__(self, inputs, training, weights, **kwargs):
         lo, hi = weights["min_var"], weights["max_var"]
-        if training:
+        if training and self.fixed_range is None:
             batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
             batch_hi = tf.maximum(tf.reduce_max(inputs), 0.0)
             keep = self.ema_decay * weights["seen"]  # 0 on the first batch: take it as is
@@ -108,7 +112,8 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
                                                             num_bits=self.num_bits)
 
     def get_config(self) -> dict:
-        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay, "relu": self.relu}
+        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay, "relu": self.relu,
+                "fixed_range": self.fixed_range}
 
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
@@ -271,11 +276,12 @@ def _kernel_quantizer(kind: str | None, bits: int, bn_name: str | None = None):
 class _InputQuantize(tfq.default_8bit.default_8bit_transforms.InputLayerQuantize):
     """tfmot's input transform, with qat's activation quantizer and bit width."""
 
-    def __init__(self, bits: int, ema_decay: float):
-        self.bits, self.ema_decay = bits, ema_decay
+    def __init__(self, bits: int, ema_decay: float, input_range: tuple[float, float] | None):
+        self.bits, self.ema_decay, self.input_range = bits, ema_decay, input_range
 
     def replacement(self, match_layer):
-        layer = QuantizeLayer(ActivationQuantizer(self.bits, self.ema_decay))
+        layer = QuantizeLayer(ActivationQuantizer(self.bits, self.ema_decay,
+                                                  fixed_range=self.input_range))
         config = tfmot_utils.serialize_layer(layer, use_legacy_format=True)
         config["name"] = layer.name
         return tfq.graph_transformations.transforms.LayerNode(config, input_layers=[match_layer])
@@ -288,8 +294,8 @@ class _InputQuantize(tfq.default_8bit.default_8bit_transforms.InputLayerQuantize
 class _InputOnlyLayout(tfq.QuantizeLayoutTransform):
     """Every layer arrives annotated with its config, so the only rewrite is the input quantizer."""
 
-    def __init__(self, bits: int, ema_decay: float):
-        self.transforms = [_InputQuantize(bits, ema_decay)]
+    def __init__(self, bits: int, ema_decay: float, input_range: tuple[float, float] | None):
+        self.transforms = [_InputQuantize(bits, ema_decay, input_range)]
 
     def apply(self, model, layer_quantize_map):
         return tfq.graph_transformations.model_transformer.ModelTransformer(
@@ -307,11 +313,13 @@ class _AnnotatedOnlyRegistry(tfq.QuantizeRegistry):
 
 
 class QatQuantizeScheme(tfq.QuantizeScheme):
-    def __init__(self, activation_bits: int, ema_decay: float):
+    def __init__(self, activation_bits: int, ema_decay: float,
+                 input_range: tuple[float, float] | None = None):
         self.activation_bits, self.ema_decay = activation_bits, ema_decay
+        self.input_range = input_range
 
     def get_layout_transformer(self):
-        return _InputOnlyLayout(self.activation_bits, self.ema_decay)
+        return _InputOnlyLayout(self.activation_bits, self.ema_decay, self.input_range)
 
     def get_quantize_registry(self):
         return _AnnotatedOnlyRegistry()
@@ -520,8 +528,9 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None) -> tf_
     with quantize_scope():
         annotated = tf_keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
-        qmodel = tfq.quantize_apply(annotated, QatQuantizeScheme(cfg.activation_bits,
-                                                                 cfg.activation_ema_decay))
+        scheme = QatQuantizeScheme(cfg.activation_bits, cfg.activation_ema_decay,
+                                   tuple(cfg.input_range) if cfg.input_range else None)
+        qmodel = tfq.quantize_apply(annotated, scheme)
     wrappers = {layer.layer.name: layer for layer in qmodel.layers
                 if isinstance(layer, tfq.QuantizeWrapperV2)}
     for name, wrapper in wrappers.items():

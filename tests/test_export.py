@@ -21,10 +21,12 @@ CASES = [("resnet", "params"), ("mobilenet", "fold"), ("convnet", "fold")]
 def trained(tmp_path_factory):
     """Digits runs: one float run per model, then the quant phase in the given BN mode."""
     from qat.config import ModelConfig, QATConfig, QuantConfig, RunConfig
+    from qat.data import Data
     from qat.phases import run_float, run_quant
 
     root = tmp_path_factory.mktemp("export")
     arrays = load_arrays(DataConfig())
+    data = Data.from_arrays(arrays)
 
     made = {}
 
@@ -34,15 +36,15 @@ def trained(tmp_path_factory):
         base = QATConfig(run=RunConfig(dir=str(root / model)), model=ModelConfig(name=model),
                          trainer=TrainerConfig(epochs=6, verbose=0))
         if not os.path.isdir(os.path.join(base.run.dir, "float")):
-            run_float(base, arrays)
+            run_float(base, data)
         settings = dataclasses.replace(
             base, run=RunConfig(dir=str(root / f"{model}_{mode}")),
             quant=QuantConfig(bn=mode, epochs=1, init_from=os.path.join(base.run.dir, "float")))
-        run_quant(settings, arrays)
+        run_quant(settings, data)
         made[model, mode] = settings
         return settings
 
-    return make, arrays
+    return make, data
 
 
 @pytest.mark.parametrize("model, mode", CASES)
@@ -51,9 +53,9 @@ def test_export_writes_int8_file_that_agrees_with_qat_model(trained, model, mode
 
     from qat.export import export_run
 
-    make, arrays = trained
+    make, data = trained
     settings = make(model, mode)
-    report = export_run(settings, arrays)
+    report = export_run(settings, data)
     out = os.path.join(settings.run.dir, "export")
     for name in ("saved_model", "model_float.tflite", "model_int8.tflite", "report.json"):
         assert os.path.exists(os.path.join(out, name))
@@ -174,7 +176,7 @@ def test_export_with_float_ops_fails_and_keeps_the_previous_export(trained, floa
     from qat import export as export_mod
     from qat.errors import ExportError
 
-    make, arrays = trained
+    make, data = trained
     settings = make("convnet", "fold")
     out = os.path.join(settings.run.dir, "export")
     os.makedirs(out, exist_ok=True)
@@ -182,13 +184,13 @@ def test_export_with_float_ops_fails_and_keeps_the_previous_export(trained, floa
         fh.write("previous")
     before = sorted(os.listdir(out))
 
-    def float_file(qmodel, path, int8_io):
+    def float_file(qmodel, path, *_):
         with open(float_compute_file, "rb") as src, open(path, "wb") as dst:
             return dst.write(src.read())
 
     monkeypatch.setattr(export_mod, "export_int8_tflite", float_file)
     with pytest.raises(ExportError, match="export.allow_float_ops=true") as caught:
-        export_mod.export_run(settings, arrays)
+        export_mod.export_run(settings, data)
     assert "model_int8.tflite is not full-int8" in str(caught.value)
     assert "FULLY_CONNECTED(StatefulPartitionedCall:0)" in str(caught.value)
     assert sorted(os.listdir(out)) == before

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import run_cli
@@ -112,13 +113,13 @@ def test_folder_of_images_with_augmentation_and_a_cosine_schedule(tmp_path):
 
     from tests.conftest import write_image_folder
 
-    write_image_folder(tmp_path / "images")
+    write_image_folder(tmp_path / "images", size=16)  # trained at the files' own size
     run = tmp_path / "run"
     proc = run_cli("qat.train", "phase=all", "data=folder", f"data.path={tmp_path / 'images'}",
-                   "data.image_size=16", "data.augment.crop_padding=2", "trainer.epochs=6",
+                   "data.augment.crop_padding=2", "trainer.epochs=6",
                    "trainer.schedule.name=cosine", "trainer.schedule.warmup_epochs=1",
                    "quant.epochs=1", f"run.dir={run}", "trainer.verbose=0",
-                   "export.max_examples=200")
+                   "export.max_examples=200", "export.input_dtype=uint8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     described = json.loads((run / "float" / "data.json").read_text())
     assert described["class_names"] == [f"digit_{d}" for d in range(10)]
@@ -134,3 +135,22 @@ def test_folder_of_images_with_augmentation_and_a_cosine_schedule(tmp_path):
             rates = [float(tf.make_ndarray(event.tensor_proto))
                      for event in acc.Tensors("epoch_learning_rate")]
     assert len(rates) == 6 and rates[0] == max(rates) and rates[-1] < 0.1 * rates[0]
+
+    # The int8 file takes the raw pixels of the files (uint8, RGB), no scaling by the user:
+    # fed the first 200 validation files' bytes, it scores what report.json says.
+    from ai_edge_litert.interpreter import Interpreter
+
+    from qat.config import DataConfig
+    from qat.data import load_data
+
+    data = load_data(DataConfig(name="folder", path=str(tmp_path / "images"), channels=3))
+    val = list(data.val.take(200).as_numpy_iterator())
+    pixels = np.stack([tf.io.decode_png(tf.io.read_file(path), channels=3).numpy()
+                       for path, _ in val])
+    int8_file = str(run / "export" / "model_int8.tflite")
+    runner = Interpreter(model_path=int8_file).get_signature_runner()
+    ((name, detail),) = runner.get_input_details().items()
+    assert detail["dtype"] == np.uint8 and detail["quantization"] == (pytest.approx(1 / 255), 0)
+    ((logits),) = runner(**{name: pixels}).values()
+    raw_accuracy = float(np.mean(np.argmax(logits, -1) == np.array([y for _, y in val])))
+    assert raw_accuracy == report["tflite_int8_accuracy"]
