@@ -266,6 +266,9 @@ class QuantConfig:
     bn_format: str = "channel_exponent"
     bn_variance: str = "inv_std"  # bn_target=params: quantize 1/sqrt(var+eps), or var itself
     freeze_bn_after_steps: int | None = None  # quant-phase steps; null: never freeze
+    # > 0: after the quant phase, set BN moving statistics to the average over this many
+    # training batches run through the quantized model (qat.reestimate); 0: off
+    bn_reestimate_batches: int = 0
     activation_ema_decay: float = 0.99  # tfmot hard-codes 0.999: too slow for short fine-tunes
     # The model input's range, fixed (not averaged): [0, 1] for qat's images (configs/quant),
     # which makes a uint8 input of the int8 file the raw pixels. null: EMA like activations.
@@ -292,6 +295,8 @@ class QuantConfig:
                  f"quant.bn_variance={self.bn_variance} is unknown: use {BN_VARIANCE_TARGETS}")
         _require(self.freeze_bn_after_steps is None or self.freeze_bn_after_steps >= 0,
                  f"quant.freeze_bn_after_steps={self.freeze_bn_after_steps} must be >= 0 or null")
+        _require(self.bn_reestimate_batches >= 0,
+                 f"quant.bn_reestimate_batches={self.bn_reestimate_batches} must be >= 0")
         _require(0.0 <= self.activation_ema_decay < 1.0,
                  f"quant.activation_ema_decay={self.activation_ema_decay} must be in [0, 1)")
         _require(self.input_range is None or (

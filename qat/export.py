@@ -89,11 +89,15 @@ class TFLiteModel:
     file's params. Inputs: one array (one-input model) or arrays keyed by the Keras input
     names (the file's signature keeps them)."""
 
-    def __init__(self, path: str) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path: str, reference_kernels: bool = False) -> None:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         self.path = path
-        self.runner = Interpreter(model_path=path).get_signature_runner()
+        # Reference kernels: TFLite's plain C++ ops instead of the default (XNNPACK) ones. Two
+        # correct int8 runtimes may round differently; comparing them gives the noise floor.
+        resolver = (OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO)
+        self.runner = Interpreter(model_path=path, experimental_op_resolver_type=resolver
+                                  ).get_signature_runner()
         self.inputs = self.runner.get_input_details()
 
     def __call__(self, x: Inputs) -> np.ndarray:
@@ -148,6 +152,12 @@ def tflite_logits(path: str, x: Inputs) -> np.ndarray:
     """Run a .tflite file on float inputs (arrays, or a dict of arrays by input name)."""
     count = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
     return predict(TFLiteModel(path), array_batches(x, np.zeros(count)))[0]
+
+
+def logit_error(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Mean |logits − reference| in units of the reference logits' standard deviation: how far
+    the file is from the QAT model, beside how often their argmax agree."""
+    return float(np.mean(np.abs(logits - reference)) / max(float(np.std(reference)), 1e-12))
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -292,6 +302,7 @@ def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, batches: Batch
         "tflite_float_accuracy": accuracy(predict(TFLiteModel(float_path), batches)[0], labels),
         "tflite_int8_accuracy": accuracy(int8_logits, labels),
         "int8_agreement": float(np.mean(np.argmax(int8_logits, -1) == np.argmax(qat_logits, -1))),
+        "int8_logit_error": logit_error(int8_logits, qat_logits),
         "float_bytes": float_bytes,
         "int8_bytes": int8_bytes,
         "int8_float_tensors": inspection.float_tensors,

@@ -25,6 +25,7 @@ from qat.files import write_json
 from qat.layers import batchnorm_layers
 from qat.quantize import quantization_plan, quantize_model
 from qat.recipe import classification_loss, learning_rate_schedule, make_optimizer, phase_recipe
+from qat.reestimate import ReestimateBatchNorm
 from qat.sources import load_float_model
 
 CHECKPOINT_PREFIX = "ckpt"
@@ -171,8 +172,8 @@ def _fit(model: tf_keras.Model, data: Data, settings: QATConfig, phase: str, *, 
         guard,
         timer,
         tf_keras.callbacks.TensorBoard(log_dir=tb, update_freq="epoch", profile_batch=0),
+        *(extra_callbacks or []),  # before the checkpoint: BN re-estimation must reach it
         qcb.CheckpointEvery(manager, epoch_var, guard),
-        *(extra_callbacks or []),
     ]
     model.fit(train, validation_data=val, epochs=epochs, steps_per_epoch=trainer.steps_per_epoch,
               callbacks=callbacks, verbose=trainer.verbose)
@@ -237,6 +238,15 @@ def run_quant(settings: QATConfig, data: Data | None = None) -> PhaseResult:
     if settings.quant.freeze_bn_after_steps is not None:
         extra.append(qcb.FreezeBatchNormAfter(batchnorm_layers(qmodel),
                                               settings.quant.freeze_bn_after_steps))
+    if settings.quant.bn_reestimate_batches:
+        quant = settings.quant
+
+        def training_images():  # shuffled, not augmented
+            return batches(data.train, settings.trainer.batch_size, shuffle=True,
+                           seed=settings.trainer.seed + 1, repeat=True, decode=data.decode,
+                           buffer=data.train_examples)
+
+        extra.append(ReestimateBatchNorm(training_images, quant.bn_reestimate_batches))
     plan = {"layers": quantization_plan(float_model, settings.quant)}
     metrics = _fit(qmodel, data, settings, "quant", epochs=settings.quant.epochs,
                    extra_callbacks=extra, files={PLAN_FILE: plan})

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qat.config import QATConfig, register_configs, to_settings
-from qat.errors import ExportError, QatError, TrainingError, report_error
+from qat.errors import ConfigError, ExportError, QatError, TrainingError, report_error
 from qat.plugins import check_plugins
 
 log = logging.getLogger("qat")
@@ -52,6 +52,9 @@ def _run_steps(settings: QATConfig, strategy) -> dict:
     for step in settings.phase.steps:  # every phase's optimizer imports, before anything runs
         if step != "export":
             check_optimizer(phase_recipe(settings, step))
+    if settings.quant.bn_reestimate_batches and settings.trainer.strategy != "default":
+        raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "
+                          "trainer.strategy=default, or re-estimate in a separate quant run")
     data = load_data(settings.data)
     results: dict = {}
     for step in settings.phase.steps:
