@@ -26,6 +26,7 @@ DEFAULT_SIZE = {"digits": 16, "synthetic": 16}  # digits are 8x8: room for two p
 BUILTIN_MODELS = ("convnet", "resnet", "mobilenet")
 MODELS = (*BUILTIN_MODELS, "keras", "target", "file")
 BN_MODES = ("params", "fold")
+RANGE_MODES = ("ema", "learned")
 BN_TARGETS = ("affine", "params")  # what of BN is quantized: the folded pair, or each parameter
 BN_FORMATS = ("channel_exponent", "tensor")  # how: per-value exponent, or one grid per vector
 BN_VARIANCE_TARGETS = ("inv_std", "variance")
@@ -270,6 +271,12 @@ class QuantConfig:
     # training batches run through the quantized model (qat.reestimate); 0: off
     bn_reestimate_batches: int = 0
     activation_ema_decay: float = 0.99  # tfmot hard-codes 0.999: too slow for short fine-tunes
+    # ema: activation ranges averaged, kernel ranges = the kernel's extent. learned: both
+    # trained with LSQ's gradients (activations: [min, max]; kernels: a per-channel fraction of
+    # the extent), starting from the ema values.
+    range: str = "ema"
+    # below 8 bits: the model input, the first and the last layer with a kernel stay at 8 bits
+    ends_8_bits: bool = True
     # The model input's range, fixed (not averaged): [0, 1] for qat's images (configs/quant),
     # which makes a uint8 input of the int8 file the raw pixels. null: EMA like activations.
     input_range: list[float] | None = None
@@ -295,6 +302,8 @@ class QuantConfig:
                  f"quant.bn_variance={self.bn_variance} is unknown: use {BN_VARIANCE_TARGETS}")
         _require(self.freeze_bn_after_steps is None or self.freeze_bn_after_steps >= 0,
                  f"quant.freeze_bn_after_steps={self.freeze_bn_after_steps} must be >= 0 or null")
+        _require(self.range in RANGE_MODES,
+                 f"quant.range={self.range} is unknown: use one of {RANGE_MODES}")
         _require(self.bn_reestimate_batches >= 0,
                  f"quant.bn_reestimate_batches={self.bn_reestimate_batches} must be >= 0")
         _require(0.0 <= self.activation_ema_decay < 1.0,

@@ -8,6 +8,7 @@ Accuracy is measured on the written .tflite files with ai-edge-litert, not on th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import numbers
@@ -36,6 +37,8 @@ from qat.phases import (
     tb_dir,
 )
 from qat.quantize import (
+    MIN_RATIO,
+    RANGE_FLOOR,
     DepthwiseKernelQuantizer,
     QuantizeLayer,
     depthwise_output_channels,
@@ -197,11 +200,29 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
             if name not in src or short not in src[name]:
                 raise ExportError(f"no learned range for {name}/{short} in the QAT model: the "
                                   "folded graph does not match the trained one")
-            var.assign(src[name][short])
+            value = src[name][short].numpy()
+            if short == "min":  # what a learned range's forward used (no-ops for EMA ranges)
+                value = np.minimum(value, 0.0)
+            elif short == "max":
+                value = np.maximum(value, np.minimum(src[name]["min"].numpy(), 0.0)
+                                   + RANGE_FLOOR)
+            var.assign(value)
+
+
+def learned_kernel_ratios(qmodel: tf_keras.Model) -> dict[str, np.ndarray]:
+    """{layer name: trained range fraction} of the kernels quantized with quant.range=learned."""
+    ratios = {}
+    for wrapper in qmodel.layers:
+        for _, quantizer, qvars in getattr(wrapper, "_weight_vars", []):
+            if getattr(quantizer, "learned", False):
+                ratios[wrapper.layer.name] = np.clip(qvars["ratio"].numpy(), MIN_RATIO, 1.0)
+    return ratios
 
 
 def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
-    """Kernel ranges = the folded kernel's own per-channel extent (what the converter stores)."""
+    """Kernel ranges = the folded kernel's own per-channel extent (what the converter stores).
+    Folding starts from the dequantized kernels, so with quant.range=learned the extent already
+    is the trained range: clipped to r × the float extent, the grid's last point."""
     for wrapper in qmodel.layers:
         if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapperV2):
             continue
@@ -209,7 +230,8 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
             kernel = weight.numpy()
             if isinstance(quantizer, DepthwiseKernelQuantizer):
                 kernel = depthwise_output_channels(kernel).numpy()
-            bound = np.abs(kernel.reshape(-1, kernel.shape[-1])).max(axis=0)
+            bound = np.maximum(np.abs(kernel.reshape(-1, kernel.shape[-1])).max(axis=0),
+                               RANGE_FLOOR)
             if qvars["min_var"].shape.rank == 0:  # per-tensor kernel
                 bound = bound.max()
             qvars["min_var"].assign(-bound)
@@ -260,7 +282,8 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     fold_diff = check_parity(predict(keras_logits(unfolded), batches)[0],
                              predict(keras_logits(folded), batches)[0], export.fold_tolerance)
 
-    qfolded = quantize_model(folded, quant)
+    # The converted model holds plain min/max ranges: learned ones are copied into them.
+    qfolded = quantize_model(folded, dataclasses.replace(quant, range="ema"))
     aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}
     _copy_activation_ranges(qmodel, qfolded, aliases)
     _set_kernel_ranges(qfolded)

@@ -34,6 +34,7 @@ def hparams_of(settings: QATConfig) -> dict:
         "activation_bits": q.activation_bits,
         "bn_bits": q.bn_bits,
         "bn": q.bn,
+        "range": q.range,
         "bn_target": q.bn_target,
         "bn_format": q.bn_format,
         "bn_variance": q.bn_variance,

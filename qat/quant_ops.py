@@ -141,3 +141,49 @@ def fake_quant_activation(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: 
         return y, grad
 
     return quantize(x, lo, hi)
+
+
+def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int, *,
+                       narrow_range: bool = False, per_channel: bool = False) -> tf.Tensor:
+    """FakeQuant on a *trained* range [lo, hi], with LSQ's gradients (Esser et al. 2020).
+
+    Forward is TF's FakeQuant (the rounding and zero-point nudge TFLite stores). Backward, with
+    n grid steps of size s = (hi - lo)/n and u = (x - lo)/s:
+      * x: straight through inside the range, 0 outside (clipped values get no gradient);
+      * the step s: round(u) - u inside (the rounding error LSQ keeps), n above, 0 below;
+        with q = lo + s·clip(round(u)), ∂q/∂lo at a fixed step is 1 outside the range and 0
+        inside, so ∂/∂hi = ∂/∂s / n and ∂/∂lo = [outside] - ∂/∂s / n: a value clipped at an
+        end pulls only that end (1), a value inside moves both by its rounding error;
+      * both range gradients scaled by LSQ's g = 1/sqrt(N·Qp), N values per range and Qp the
+        positive levels, so the range learns at the pace of the weights.
+    `per_channel`: `lo`, `hi` hold one value per last-axis channel (weights).
+    """
+    levels = 2.0**num_bits - (2.0 if narrow_range else 1.0)
+    axes = list(range(x.shape.rank - 1)) if per_channel else None
+
+    @tf.custom_gradient
+    def quantize(x, lo, hi):
+        if per_channel:
+            y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+        else:
+            y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=num_bits,
+                                                             narrow_range=narrow_range)
+
+        def grad(dy):
+            step = (hi - lo) / levels
+            u = (x - lo) / step
+            below, above = u < 0.0, u > levels
+            inside = tf.logical_not(tf.logical_or(below, above))
+            d_step = tf.where(inside, tf.round(u) - u, tf.where(above, levels, 0.0))
+            count = tf.cast(tf.size(x), tf.float32) / tf.cast(tf.size(lo), tf.float32)
+            positive = levels / 2.0 if narrow_range else levels  # symmetric: half the grid
+            g = tf.math.rsqrt(count * positive)
+            d_hi = tf.reduce_sum(dy * d_step, axis=axes) * (g / levels)
+            outside = tf.cast(tf.logical_not(inside), x.dtype)  # ∂q/∂lo at a fixed step
+            d_lo = tf.reduce_sum(dy * (outside - d_step / levels), axis=axes) * g
+            return dy * tf.cast(inside, x.dtype), d_lo, d_hi
+
+        return y, grad
+
+    return quantize(x, lo, hi)

@@ -34,7 +34,7 @@ from qat.config import LayerOverride, QuantConfig
 from qat.errors import ConfigError
 from qat.graph import consumers, producers
 from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
-from qat.quant_ops import fake_quant, fake_quant_activation
+from qat.quant_ops import fake_quant, fake_quant_activation, learned_fake_quant
 from qat.rules import (
     FUSES_RELU,
     LAYER_RULES,
@@ -54,6 +54,8 @@ LINEAR_KERNELS = {kind: LAYER_RULES[kind].kernel[0] for kind in
 # Quantizer range variables start where tfmot starts them; the first batch overwrites them.
 INITIAL_RANGE = 6.0
 FOLD_SCALE_FLOOR = 1e-8  # |gamma/sigma| below this would blow up W*s/s; treat as this small
+RANGE_FLOOR = 1e-6  # a learned range never collapses below this width
+MIN_RATIO = 1e-3  # a learned kernel range keeps at least this fraction of the kernel's extent
 
 
 def depthwise_output_channels(kernel):
@@ -75,10 +77,13 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
     """
 
     def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, relu: bool = False,
-                 fixed_range: tuple[float, float] | None = None):
+                 fixed_range: tuple[float, float] | None = None, learned: bool = False):
         self.num_bits = int(num_bits)
         self.ema_decay = float(ema_decay)
         self.relu = bool(relu)
+        # quant.range=learned: the first batch sets the range, the optimizer trains it from then
+        # on with LSQ's gradients (qat.quant_ops.learned_fake_quant) instead of averaging it.
+        self.learned = bool(learned) and fixed_range is None
         # A known range (images in [0, 1]) is kept as is, never averaged: with 8 bits it makes
         # the int8 input exactly pixel - 128, and a uint8 input exactly the raw pixel.
         self.fixed_range = tuple(map(float, fixed_range)) if fixed_range else None
@@ -90,15 +95,18 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
         low, high = self.fixed_range or (0.0 if self.relu else -INITIAL_RANGE, INITIAL_RANGE)
         return {
             "min_var": layer.add_weight(f"{name}_min", initializer=constant(low),
-                                        trainable=False, aggregation=mean),
+                                        trainable=self.learned and not self.relu,
+                                        aggregation=mean),
             "max_var": layer.add_weight(f"{name}_max", initializer=constant(high),
-                                        trainable=False, aggregation=mean),
+                                        trainable=self.learned, aggregation=mean),
             "seen": layer.add_weight(f"{name}_seen", initializer="zeros", trainable=False,
                                      aggregation=mean),
         }
 
     def __call__(self, inputs, training, weights, **kwargs):
         lo, hi = weights["min_var"], weights["max_var"]
+        if training and self.learned:
+            return self._learned(inputs, weights)
         if training and self.fixed_range is None:
             batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
             batch_hi = tf.maximum(tf.reduce_max(inputs), 0.0)
@@ -108,12 +116,33 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
             with tf.control_dependencies([lo, hi]):
                 weights["seen"].assign(1.0)
             return fake_quant_activation(inputs, lo, hi, self.num_bits, relu=self.relu)
+        if self.learned:
+            lo, hi = self._valid_range(lo, hi)
         return tf.quantization.fake_quant_with_min_max_vars(inputs, lo, hi,
                                                             num_bits=self.num_bits)
 
+    def _learned(self, inputs, weights):
+        lo, hi, seen = weights["min_var"], weights["max_var"], weights["seen"]
+
+        def first_batch():  # the range starts where the EMA would: this batch's extent
+            batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
+            return tf.group(lo.assign(batch_lo),
+                            hi.assign(tf.maximum(tf.reduce_max(inputs), 0.0)), seen.assign(1.0))
+
+        init = tf.cond(tf.equal(seen, 0.0), first_batch, tf.no_op)
+        with tf.control_dependencies([init]):
+            low, high = self._valid_range(tf.identity(lo), tf.identity(hi))
+        return learned_fake_quant(inputs, low, high, self.num_bits)
+
+    def _valid_range(self, lo, hi):
+        """A trained range may drift past zero or collapse: use it as [min(lo, 0), > lo]
+        (what the export copies too)."""
+        low = tf.zeros([]) if self.relu else tf.minimum(lo, 0.0)
+        return low, tf.maximum(hi, low + RANGE_FLOOR)
+
     def get_config(self) -> dict:
         return {"num_bits": self.num_bits, "ema_decay": self.ema_decay, "relu": self.relu,
-                "fixed_range": self.fixed_range}
+                "fixed_range": self.fixed_range, "learned": self.learned}
 
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
@@ -151,16 +180,24 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
     """
 
     def __init__(self, num_bits: int = 8, depthwise: bool = False, per_channel: bool = True,
-                 bn_name: str | None = None):
+                 bn_name: str | None = None, learned: bool = False):
         self.num_bits = int(num_bits)
         self.depthwise = bool(depthwise)
         self.per_channel = bool(per_channel)
         self.bn_name = bn_name
+        # quant.range=learned: the range is a trained fraction `ratio` (<= 1) of the (folded)
+        # kernel's extent, per channel: scale-free, so folding BN scales it along.
+        self.learned = bool(learned)
         self._wrapper = None
 
     def build(self, tensor_shape, name, layer):
         self._wrapper = weakref.ref(layer)
-        return {}
+        if not self.learned:
+            return {}
+        channels = int(tensor_shape[-1]) * (int(tensor_shape[-2]) if self.depthwise else 1)
+        shape = (channels,) if self.per_channel else ()
+        return {"ratio": layer.add_weight(f"{name}_ratio", shape=shape, initializer="ones",
+                                          trainable=True)}
 
     @property
     def bn(self) -> QuantBatchNorm | None:
@@ -186,13 +223,25 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
             scale = gamma * tf.math.rsqrt(variance + bn.epsilon)
             floor = tf.where(scale < 0, -FOLD_SCALE_FLOOR, FOLD_SCALE_FLOOR)
             scale = tf.where(tf.abs(scale) < FOLD_SCALE_FLOOR, floor, scale)
-        folded = fake_quant(kernel * scale, num_bits=self.num_bits, symmetric=True,
-                            per_channel=self.per_channel, narrow_range=True)
+        scaled = kernel * scale
+        if self.learned:
+            axes = list(range(scaled.shape.rank - 1)) if self.per_channel else None
+            extent = tf.stop_gradient(tf.reduce_max(tf.abs(scaled), axis=axes))
+            # r <= 1: the grid's last point is then a kernel value (r × extent), so the
+            # exported kernel's own extent is the trained range, with nothing else to carry.
+            ratio = tf.clip_by_value(weights["ratio"], MIN_RATIO, 1.0)
+            bound = ratio * tf.maximum(extent, RANGE_FLOOR)
+            folded = learned_fake_quant(scaled, -bound, bound, self.num_bits, narrow_range=True,
+                                        per_channel=self.per_channel)
+        else:
+            folded = fake_quant(scaled, num_bits=self.num_bits, symmetric=True,
+                                per_channel=self.per_channel, narrow_range=True)
         return tf.reshape(folded / scale, shape)
 
     def get_config(self) -> dict:
         return {"num_bits": self.num_bits, "depthwise": self.depthwise,
-                "per_channel": self.per_channel, "bn_name": self.bn_name}
+                "per_channel": self.per_channel, "bn_name": self.bn_name,
+                "learned": self.learned}
 
 
 class FusedReLU(tf_keras.layers.Layer):
@@ -221,7 +270,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
 
     def __init__(self, kernel_attr: str | None = None, kernel: str | None = None,
                  weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99,
-                 relu: bool = False, bn_name: str | None = None):
+                 relu: bool = False, bn_name: str | None = None, learned: bool = False):
         self.kernel_attr = kernel_attr
         self.kernel = kernel
         self.weight_bits = weight_bits
@@ -229,8 +278,10 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
         self.ema_decay = ema_decay
         self.relu = relu
         self.bn_name = bn_name
-        self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits, bn_name)
-        self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay, relu)
+        self.learned = learned  # quant.range=learned
+        self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits, bn_name, learned)
+        self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay, relu,
+                                                     learned=learned)
                                  if output_bits is not None else None)
 
     def get_weights_and_quantizers(self, layer):
@@ -254,12 +305,19 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
     def get_config(self) -> dict:
         return {"kernel_attr": self.kernel_attr, "kernel": self.kernel,
                 "weight_bits": self.weight_bits, "output_bits": self.output_bits,
-                "ema_decay": self.ema_decay, "relu": self.relu, "bn_name": self.bn_name}
+                "ema_decay": self.ema_decay, "relu": self.relu, "bn_name": self.bn_name,
+                "learned": self.learned}
 
 
-def _kernel_quantizer(kind: str | None, bits: int, bn_name: str | None = None):
+def _kernel_quantizer(kind: str | None, bits: int, bn_name: str | None = None,
+                      learned: bool = False):
     if kind is None:
         return None
+    if learned:  # one quantizer for every kernel kind; unscaled (bn_name None) unless folded
+        return FoldedKernelQuantizer(bits, depthwise=kind.endswith("depthwise"),
+                                     per_channel=not kind.endswith("per_tensor"),
+                                     bn_name=bn_name if kind.startswith("folded") else None,
+                                     learned=True)
     if kind in ("per_channel", "per_tensor"):
         return tfq.quantizers.LastValueQuantizer(num_bits=bits, per_axis=kind == "per_channel",
                                                  symmetric=True, narrow_range=True)
@@ -367,7 +425,7 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
     outbound = consumers(layer)
     fused_into_next = len(outbound) == 1 and fuses_into(layer, outbound[0], pairs)
     common = {"output_bits": None if fused_into_next else activation_bits,
-              "ema_decay": cfg.activation_ema_decay}
+              "ema_decay": cfg.activation_ema_decay, "learned": cfg.range == "learned"}
     if rule.output == RELU or type(layer).__name__ == "ReLU":
         common.update(output_bits=activation_bits, relu=output_starts_at_zero(layer))
     if rule.kernel is None:
@@ -422,11 +480,23 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
 
 
 # -- the plan --------------------------------------------------------------------------------
+def input_bits(cfg: QuantConfig) -> int:
+    """The model input's bits: 8 below 8 bits with quant.ends_8_bits (images are 8-bit)."""
+    return 8 if cfg.ends_8_bits and cfg.activation_bits < 8 else cfg.activation_bits
+
+
 def layer_overrides(model: tf_keras.Model, cfg: QuantConfig) -> dict[str, LayerOverride]:
     """`quant.layers` resolved per layer name; a pattern that matches no layer is an error."""
     resolved: dict[str, LayerOverride] = {}
     names = [layer.name for layer in model.layers
              if not isinstance(layer, tf_keras.layers.InputLayer)]
+    if cfg.ends_8_bits and min(cfg.weight_bits, cfg.activation_bits) < 8:
+        # LSQ's convention below 8 bits: the first and the last layer with a kernel (the stem
+        # conv and the classifier) keep 8-bit weights and outputs; quant.layers may override.
+        kernels = [layer.name for layer in model.layers
+                   if getattr(rule_for(layer), "kernel", None) is not None]
+        for name in kernels[:1] + kernels[-1:]:
+            resolved[name] = LayerOverride(weight_bits=8, activation_bits=8)
     for pattern, override in cfg.layers.items():
         matched = fnmatch.filter(names, pattern)
         if not matched:
@@ -460,7 +530,7 @@ def quantization_plan(model: tf_keras.Model, cfg: QuantConfig) -> list[dict]:
     for layer in model.layers:
         if isinstance(layer, tf_keras.layers.InputLayer):
             plan.append({"layer": layer.name, "type": "InputLayer",
-                         "output": f"int8 range ({cfg.activation_bits} bits)"})
+                         "output": f"int8 range ({input_bits(cfg)} bits)"})
             continue
         config, outbound = configs[layer.name], consumers(layer)
         if layer.name in skipped:
@@ -528,7 +598,7 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None) -> tf_
     with quantize_scope():
         annotated = tf_keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
-        scheme = QatQuantizeScheme(cfg.activation_bits, cfg.activation_ema_decay,
+        scheme = QatQuantizeScheme(input_bits(cfg), cfg.activation_ema_decay,
                                    tuple(cfg.input_range) if cfg.input_range else None)
         qmodel = tfq.quantize_apply(annotated, scheme)
     wrappers = {layer.layer.name: layer for layer in qmodel.layers

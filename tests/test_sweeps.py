@@ -39,7 +39,8 @@ def test_two_job_multirun_writes_separate_runs_with_hparams(tmp_path):
     sweep = tmp_path / "sweep"
     common = ["data=synthetic", "data.image_size=8", "model.width=4", "trainer.epochs=1",
               "quant.epochs=1", "trainer.verbose=0", f"hydra.sweep.dir={sweep}"]
-    proc = run_cli("qat.train", "-m", "phase=all", "quant.bn=params,fold", *common)
+    proc = run_cli("qat.train", "-m", "phase=all", "quant.bn=fold", "quant.range=ema,learned",
+                   *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["0", "1"]
@@ -47,10 +48,10 @@ def test_two_job_multirun_writes_separate_runs_with_hparams(tmp_path):
     for run in runs:
         for part in ("float/metrics.json", "quant/metrics.json", "export/report.json"):
             assert (run / part).is_file(), f"{run}/{part} missing"
-        modes.add(json.loads((run / "quant" / "config.json").read_text())["quant"]["bn"])
-    assert modes == {"params", "fold"}
+        modes.add(json.loads((run / "quant" / "config.json").read_text())["quant"]["range"])
+    assert modes == {"ema", "learned"}
     sessions = _hparams_sessions(sweep)
-    assert sorted(h["bn"] for h, _ in sessions) == ["fold", "params"]
+    assert sorted(h["range"] for h, _ in sessions) == ["ema", "learned"]
     for hparams, tags in sessions:
         assert hparams["model"] == "convnet" and hparams["phase"] == "all"
         assert {"final/tflite_int8_accuracy", "final/int8_agreement",
