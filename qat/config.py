@@ -127,8 +127,10 @@ class DataConfig:
             _require(len(size) == 2 and all(isinstance(v, int) for v in size),
                      f"data.image_size={size} must be N or [height, width]")
             self.image_size = size
-        _require(size is None or min(size if isinstance(size, list) else [size]) >= 4,
-                 f"data.image_size={size} must be >= 4")
+        values = size if isinstance(size, list) else [size]
+        _require(size is None or all(isinstance(v, int) and not isinstance(v, bool)
+                                     and v >= 4 for v in values),
+                 f"data.image_size={size} must be an integer >= 4 or [height, width]")
         _require(0.0 < self.val_fraction < 1.0,
                  f"data.val_fraction={self.val_fraction} must be between 0 and 1")
         _require(self.name not in ("npz", "folder") or bool(self.path),
@@ -275,7 +277,7 @@ class QuantConfig:
     # trained with LSQ's gradients (activations: [min, max]; kernels: a per-channel fraction of
     # the extent), starting from the ema values.
     range: str = "ema"
-    # below 8 bits: the model input, the first and the last layer with a kernel stay at 8 bits
+    # below 8 bits: the model input, the first and last kernels and the logits stay at 8 bits
     ends_8_bits: bool = True
     # The model input's range, fixed (not averaged): [0, 1] for qat's images (configs/quant),
     # which makes a uint8 input of the int8 file the raw pixels. null: EMA like activations.

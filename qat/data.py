@@ -76,9 +76,10 @@ class Data:
 
     def sample_train(self, count: int, seed: int) -> np.ndarray:
         """`count` training images drawn at random (PTQ calibration), without augmentation."""
-        ds = batches(self.train, count, shuffle=True, seed=seed, decode=self.decode,
-                     buffer=self.train_examples)
-        return next(ds.as_numpy_iterator())[0]
+        ds = self.train.shuffle(self.train_examples, seed=seed)
+        if self.decode is not None:
+            ds = ds.map(self.decode).ignore_errors()
+        return np.concatenate([x[None] for x, _ in ds.take(count).as_numpy_iterator()])
 
 
 def load_arrays(cfg: DataConfig) -> Arrays:
@@ -104,14 +105,17 @@ def load_data(cfg: DataConfig) -> Data:
 def batches(ds, batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
             decode: Callable | None = None, augment: AugmentConfig | None = None,
             cache: bool = False, buffer: int = SHUFFLE_BUFFER):
-    """The pipeline: (cache) → shuffle (reshuffled each epoch) → decode → augment → batch →
-    prefetch. Training batches are full (drop_remainder); evaluation keeps the last one."""
+    """The pipeline: shuffle (reshuffled each epoch; file names, before decoding) → decode
+    (→ cache) → augment → batch → prefetch. Training batches are full (drop_remainder);
+    evaluation keeps the last one."""
     import tensorflow as tf
 
     auto = tf.data.AUTOTUNE
+    if shuffle and decode is not None:  # file names: a buffer over all of them is cheap
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     if cache and decode is not None:
         ds, decode = ds.map(decode, num_parallel_calls=auto).ignore_errors().cache(), None
-    if shuffle:
+    if shuffle and decode is None:  # decoded images: a bounded buffer
         ds = ds.shuffle(min(buffer, SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
@@ -229,6 +233,9 @@ def _images(x: np.ndarray, key: str, path: str) -> np.ndarray:
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise DataError(f"{path}: {key} contains NaN or Inf: clean the images first")
+    if x.min() < 0.0:  # standardized or [-1, 1]: qat's input range is [0, 1] (quant.input_range)
+        raise DataError(f"{path}: {key} has negative pixel values (min {x.min():.3g}): store "
+                        "uint8 pixels or floats in [0, 1]; put normalization in the model")
     return x / 255.0 if x.max() > 1.0 else x
 
 

@@ -119,6 +119,10 @@ def load_folder(cfg: DataConfig) -> Data:
     for split, paths in (("training", train_paths), ("validation", val_paths)):
         if not paths:
             raise DataError(f"{root}: the {split} split has no images")
+    # Listed class by class: permute once (seeded) so that even a bounded shuffle buffer, or
+    # a cached stream, mixes classes; the pipeline reshuffles every epoch on top.
+    order = np.random.default_rng(cfg.seed + 1).permutation(len(train_paths))
+    train_paths, train_labels = [train_paths[i] for i in order], train_labels[order]
     height, width, channels = _first_image_shape(train_paths, cfg.channels)
     size = cfg.size or (height, width)
     if cfg.size is None:

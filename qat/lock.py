@@ -40,6 +40,7 @@ def _open_locked(path: str, command: str) -> int:
     """Open `path` and take its lock, or raise naming the holder. Retries when the file it
     locked was unlinked meanwhile by a releasing holder (then the lock guards nothing)."""
     while True:
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # a releasing holder may remove it
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

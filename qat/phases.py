@@ -38,7 +38,7 @@ BACKUP_DIR = "backup"  # BackupAndRestore's state for resuming an interrupted ph
 # What an interrupted phase must be resumed with: the settings that shape the training itself
 # (phase=, run.*, export.* and the progress-bar style may differ between the two commands).
 TRAINING_SECTIONS = ("data", "model", "trainer", "quant")
-IGNORED_ON_RESUME = ("verbose",)
+IGNORED_ON_RESUME = ("verbose", "cache")  # how progress shows or data loads, not results
 
 log = logging.getLogger("qat")
 

@@ -144,18 +144,21 @@ def fake_quant_activation(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: 
 
 
 def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int, *,
-                       narrow_range: bool = False, per_channel: bool = False) -> tf.Tensor:
-    """FakeQuant on a *trained* range [lo, hi], with LSQ's gradients (Esser et al. 2020).
+                       narrow_range: bool = False, per_channel: bool = False,
+                       fixed_low: bool = False) -> tf.Tensor:
+    """FakeQuant on a *trained* range [lo, hi], with LSQ's gradients (Esser et al. 2020; LSQ+
+    for the offset, Bhalgat et al. 2020).
 
-    Forward is TF's FakeQuant (the rounding and zero-point nudge TFLite stores). Backward, with
-    n grid steps of size s = (hi - lo)/n and u = (x - lo)/s:
+    Forward is TF's FakeQuant: TFLite's rounding on the range nudged so zero is a grid point.
+    Backward works on that same nudged grid, with n steps of size s and u = (x - lo')/s:
       * x: straight through inside the range, 0 outside (clipped values get no gradient);
-      * the step s: round(u) - u inside (the rounding error LSQ keeps), n above, 0 below;
-        with q = lo + s·clip(round(u)), ∂q/∂lo at a fixed step is 1 outside the range and 0
-        inside, so ∂/∂hi = ∂/∂s / n and ∂/∂lo = [outside] - ∂/∂s / n: a value clipped at an
-        end pulls only that end (1), a value inside moves both by its rounding error;
-      * both range gradients scaled by LSQ's g = 1/sqrt(N·Qp), N values per range and Qp the
-        positive levels, so the range learns at the pace of the weights.
+      * the step s (LSQ): round(u) - u inside (the rounding error LSQ keeps), n above, 0 below;
+      * the offset, the range moving whole at a fixed step (LSQ+): 1 outside, 0 inside;
+      * both scaled by LSQ's g = 1/sqrt(N·Qp) (N values per range, Qp positive levels).
+    The (offset, step) updates are returned in the variables' coordinates: lo gets the offset's,
+    hi the offset's plus n times the step's, so a plain optimizer step on (lo, hi) moves the
+    range as LSQ+ moves (offset, step). `fixed_low`: lo is not trained (a ReLU's 0), hi gets the
+    step's only. Symmetric ranges (lo = -t, hi = t) get d/dt = n × the step's gradient.
     `per_channel`: `lo`, `hi` hold one value per last-axis channel (weights).
     """
     levels = 2.0**num_bits - (2.0 if narrow_range else 1.0)
@@ -171,18 +174,19 @@ def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int
                                                              narrow_range=narrow_range)
 
         def grad(dy):
-            step = (hi - lo) / levels
-            u = (x - lo) / step
+            low, high = nudged_range(lo, hi, num_bits, narrow_range)
+            step = (high - low) / levels
+            u = (x - low) / step
             below, above = u < 0.0, u > levels
             inside = tf.logical_not(tf.logical_or(below, above))
-            d_step = tf.where(inside, tf.round(u) - u, tf.where(above, levels, 0.0))
+            d_u = tf.where(inside, tf.round(u) - u, tf.where(above, levels, 0.0))
             count = tf.cast(tf.size(x), tf.float32) / tf.cast(tf.size(lo), tf.float32)
             positive = levels / 2.0 if narrow_range else levels  # symmetric: half the grid
             g = tf.math.rsqrt(count * positive)
-            d_hi = tf.reduce_sum(dy * d_step, axis=axes) * (g / levels)
-            outside = tf.cast(tf.logical_not(inside), x.dtype)  # ∂q/∂lo at a fixed step
-            d_lo = tf.reduce_sum(dy * (outside - d_step / levels), axis=axes) * g
-            return dy * tf.cast(inside, x.dtype), d_lo, d_hi
+            d_step = tf.reduce_sum(dy * d_u, axis=axes) * g
+            d_offset = (tf.zeros_like(d_step) if fixed_low else
+                        tf.reduce_sum(dy * tf.cast(tf.logical_not(inside), x.dtype), axis=axes) * g)
+            return dy * tf.cast(inside, x.dtype), d_offset, d_offset + levels * d_step
 
         return y, grad
 

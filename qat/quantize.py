@@ -132,7 +132,7 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
         init = tf.cond(tf.equal(seen, 0.0), first_batch, tf.no_op)
         with tf.control_dependencies([init]):
             low, high = self._valid_range(tf.identity(lo), tf.identity(hi))
-        return learned_fake_quant(inputs, low, high, self.num_bits)
+        return learned_fake_quant(inputs, low, high, self.num_bits, fixed_low=self.relu)
 
     def _valid_range(self, lo, hi):
         """A trained range may drift past zero or collapse: use it as [min(lo, 0), > lo]

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from qat.config import QATConfig, register_configs, to_settings
 from qat.errors import ConfigError, ExportError, QatError, TrainingError, report_error
+from qat.lock import run_lock
 from qat.plugins import check_plugins
 
 log = logging.getLogger("qat")
@@ -31,16 +32,14 @@ def train(settings: QATConfig, threads: int = 0) -> dict:
     import tensorflow as tf  # imported only once the config is known to be good
     import tf_keras
 
-    from qat.distribute import is_chief, make_strategy
-    from qat.lock import run_lock
+    from qat.distribute import make_strategy
 
     tf_keras.backend.clear_session()  # a sweep runs every job in this one process
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     strategy = make_strategy(settings.trainer.strategy, settings.trainer.cpu_replicas)
-    with run_lock(settings.run.dir, " ".join(sys.argv)) if is_chief(strategy) else nullcontext():
-        return _run_steps(settings, strategy)
+    return _run_steps(settings, strategy)
 
 
 def _run_steps(settings: QATConfig, strategy) -> dict:
@@ -52,9 +51,14 @@ def _run_steps(settings: QATConfig, strategy) -> dict:
     for step in settings.phase.steps:  # every phase's optimizer imports, before anything runs
         if step != "export":
             check_optimizer(phase_recipe(settings, step))
-    if settings.quant.bn_reestimate_batches and settings.trainer.strategy != "default":
-        raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "
-                          "trainer.strategy=default, or re-estimate in a separate quant run")
+    if settings.trainer.strategy != "default" and "quant" in settings.phase.steps:
+        if settings.quant.bn_reestimate_batches:
+            raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "
+                              "trainer.strategy=default, or re-estimate in a separate quant run")
+        if settings.quant.range == "learned":  # its first-batch init is a conditional assign
+            raise ConfigError("quant.range=learned is not supported under "
+                              f"trainer.strategy={settings.trainer.strategy} yet: use "
+                              "trainer.strategy=default or quant.range=ema")
     data = load_data(settings.data)
     results: dict = {}
     for step in settings.phase.steps:
@@ -113,16 +117,23 @@ def main(cfg: DictConfig) -> float:
         sys.exit(report_error(exc))
     sweep_dir, job, sweep_threads = _sweep_context()
     results: dict = {}
+    from qat.distribute import is_chief_process  # imports TensorFlow: only once config is good
+
     try:
-        results = train(settings, settings.trainer.threads or sweep_threads)
+        # One process per run dir (the chief's lock), held until HParams are written too.
+        with run_lock(settings.run.dir, " ".join(sys.argv)) if is_chief_process() else (
+                nullcontext()):
+            try:
+                results = train(settings, settings.trainer.threads or sweep_threads)
+            except (TrainingError, ExportError):  # the run happened: show it in HParams
+                _record(settings, results, failed=True, sweep_dir=sweep_dir, job=job)
+                raise
+            _record(settings, results, failed=False, sweep_dir=sweep_dir, job=job)
     except QatError as exc:
         status = report_error(exc)
-        if isinstance(exc, TrainingError | ExportError):  # the run happened: show it in HParams
-            _record(settings, results, failed=True, sweep_dir=sweep_dir, job=job)
         if sweep_dir is None:
             sys.exit(status)
         raise
-    _record(settings, results, failed=False, sweep_dir=sweep_dir, job=job)
     for step, metrics in results.items():
         log.info("%s: %s", step, metrics)
     return objective(results)

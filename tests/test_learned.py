@@ -11,18 +11,20 @@ from qat.data import load_arrays
 from qat.quant_ops import learned_fake_quant
 
 
-def _reference_grads(x, w, lo, hi, levels, qp, axes):
-    """d(sum w·q)/d(x, lo, hi) by LSQ's rules, written out in numpy."""
-    step = (hi - lo) / levels
-    u = (x - lo) / step
-    below, above = u < 0, u > levels
-    inside = ~below & ~above
-    d_step = np.where(inside, np.round(u) - u, np.where(above, levels, 0.0))
-    g = 1.0 / np.sqrt(x.size / np.size(lo) * qp)
-    d_hi = (w * d_step).sum(axis=axes) / levels * g
-    # q = lo + step·clip(round(u)): at a fixed step, q moves with lo wherever it is clipped
-    d_lo = (w * ((below | above) - d_step / levels)).sum(axis=axes) * g
-    return w * inside, d_lo, d_hi
+def _reference_grads(x, w, lo, hi, bits, narrow, axes):
+    """LSQ/LSQ+ range gradients of sum(w·q), written out in numpy on FakeQuant's nudged grid:
+    zero point zp = clip(round(qmin - lo/s), qmin, qmax), grid [(qmin - zp)·s, (qmax - zp)·s]."""
+    qmin, qmax = (1.0 if narrow else 0.0), 2.0**bits - 1.0
+    n = qmax - qmin
+    s = (hi - lo) / n
+    zp = np.clip(np.round(qmin - lo / s), qmin, qmax)
+    u = (x - (qmin - zp) * s) / s
+    inside = (u >= 0) & (u <= n)
+    d_u = np.where(inside, np.round(u) - u, np.where(u > n, n, 0.0))
+    g = 1.0 / np.sqrt(x.size / np.size(lo) * (n / 2 if narrow else n))
+    d_step = (w * d_u).sum(axis=axes) * g
+    d_offset = (w * ~inside).sum(axis=axes) * g
+    return d_offset, d_offset + n * d_step
 
 
 @pytest.mark.parametrize("per_channel, narrow, bits", [(False, False, 8), (False, False, 4),
@@ -34,27 +36,40 @@ def test_learned_fake_quant_gradients_match_the_hand_derived_ones(per_channel, n
     if per_channel:
         hi = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
         lo = -hi
+        fake_quant = tf.quantization.fake_quant_with_min_max_vars_per_channel
     else:
-        lo, hi = np.float32(-1.2), np.float32(2.0)
+        lo, hi = np.float32(-1.3), np.float32(2.1)  # zero is off-grid: the range is nudged
+        fake_quant = tf.quantization.fake_quant_with_min_max_vars
     tx, tlo, thi = (tf.Variable(v) for v in (x, lo, hi))
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
         y = learned_fake_quant(tx, tlo, thi, bits, narrow_range=narrow, per_channel=per_channel)
         loss = tf.reduce_sum(w * y)
-    got = tape.gradient(loss, [tx, tlo, thi])
-    levels = 2.0**bits - (2 if narrow else 1)
-    want = _reference_grads(x, w, lo, hi, levels, levels / 2 if narrow else levels,
-                            (0, 1) if per_channel else None)
-    for g, r in zip(got, want, strict=True):
-        np.testing.assert_allclose(g.numpy(), r, rtol=1e-4, atol=1e-5)
-    # The ends: a value below the range moves only lo (by g), one above only hi (by g).
-    if not per_channel:
-        g = 1.0 / np.sqrt(x.size * levels)
-        for value, expected in ((-5.0, (g, 0.0)), (9.0, (0.0, g))):
-            with tf.GradientTape() as tape:
-                total = tf.reduce_sum(learned_fake_quant(tf.fill(x.shape, value), tlo, thi, bits))
-            d_lo, d_hi = tape.gradient(total, [tlo, thi])
-            np.testing.assert_allclose([d_lo.numpy(), d_hi.numpy()],
-                                       np.array(expected) * x.size, rtol=1e-5)
+        reference = fake_quant(tx, tlo, thi, num_bits=bits, narrow_range=narrow)
+        reference_loss = tf.reduce_sum(w * reference)
+    np.testing.assert_array_equal(y.numpy(), reference.numpy())  # forward: TF's FakeQuant
+    d_x, d_lo, d_hi = tape.gradient(loss, [tx, tlo, thi])
+    # x: TF's own FakeQuant gradient (straight through on the nudged range) is the reference
+    np.testing.assert_allclose(d_x.numpy(), tape.gradient(reference_loss, tx).numpy())
+    want_lo, want_hi = _reference_grads(x.astype(np.float64), w, lo, hi, bits, narrow,
+                                        (0, 1) if per_channel else None)
+    np.testing.assert_allclose(d_lo.numpy(), want_lo, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(d_hi.numpy(), want_hi, rtol=1e-4, atol=1e-6)
+
+
+def test_learned_range_ends_by_hand():
+    """N values all below the range: the whole range moves (offset), g·N to both ends; all
+    above: offset g·N plus n steps of g·N·n each; a ReLU's fixed low end passes nothing."""
+    bits, count = 4, 30
+    n, g = 15.0, 1.0 / np.sqrt(30 * 15.0)
+    lo, hi = tf.Variable(-1.0), tf.Variable(2.0)
+    for value, fixed_low, want in ((-5.0, False, (g * count, g * count)),
+                                   (9.0, False, (g * count, g * count + n * n * g * count)),
+                                   (9.0, True, (0.0, n * n * g * count))):
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(learned_fake_quant(tf.fill([count], value), lo, hi, bits,
+                                                     fixed_low=fixed_low))
+        got = tape.gradient(total, [lo, hi])
+        np.testing.assert_allclose([t.numpy() for t in got], want, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +90,18 @@ def _trained(digits, bn, weight_bits, activation_bits=8):
                       activation_bits=activation_bits, input_range=[0.0, 1.0])
     qmodel = quantize_model(model, cfg)
     qmodel.compile(tf_keras.optimizers.Adam(1e-3), loss, ["accuracy"])
-    qmodel.fit(digits.x_train, digits.y_train, batch_size=64, epochs=3, verbose=0)
+    highs = [v for v in qmodel.variables if v.name.endswith("output_max:0")]
+    first = {}
+
+    class FirstBatch(tf_keras.callbacks.Callback):  # the ranges as the first batch set them
+        def on_train_batch_end(self, batch, logs=None):
+            first.setdefault("max", [float(v.numpy()) for v in highs])
+
+    qmodel.fit(digits.x_train, digits.y_train, batch_size=64, epochs=3, verbose=0,
+               callbacks=[FirstBatch()])
+    moved = [abs(float(v.numpy()) - start) / max(abs(start), 1e-6)
+             for v, start in zip(highs, first["max"], strict=True)]
+    assert highs and np.median(moved) > 1e-3, moved  # the activation ranges do train
     return model, qmodel, cfg
 
 
@@ -87,7 +113,7 @@ def _file_scales(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bn, weight_bits, agreement", [("params", 8, 0.999), ("fold", 4, 0.99)])
+@pytest.mark.parametrize("bn, weight_bits, agreement", [("params", 8, 0.995), ("fold", 4, 0.99)])
 def test_learned_ranges_reach_the_int8_file_unchanged(digits, tmp_path, bn, weight_bits,
                                                       agreement):
     """The file computes the learned-range QAT model: logit error at the level of EMA ranges
