@@ -13,6 +13,7 @@ import json
 import logging
 import numbers
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ import tf_keras
 
 from qat.config import ExportConfig, QATConfig, QuantConfig
 from qat.data import Data, load_data
-from qat.errors import ExportError, QatError, report_error
+from qat.errors import ConfigError, ExportError, QatError, report_error
 from qat.files import write_atomic, write_json
 from qat.fold import check_parity, dequantized_float_model, fold_batchnorms
 from qat.lock import run_lock
@@ -54,7 +55,20 @@ log = logging.getLogger("qat")
 # -- conversion -------------------------------------------------------------------------------
 def export_float_tflite(model: tf_keras.Model, path: str) -> int:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    return write_atomic(path, converter.convert())
+    return write_atomic(path, _convert(converter, path))
+
+
+def _convert(converter: tf.lite.TFLiteConverter, path: str) -> bytes:
+    """The converter's bytes; its failure (an MLIR dump of many lines) as one ExportError line."""
+    try:
+        return converter.convert()
+    except Exception as exc:  # ConverterError and friends: keep only the first error message
+        text = str(exc)
+        found = re.findall(r"error: ([^\n]*)", text)
+        reason = (found[0] if found else text.strip().splitlines()[0] if text.strip() else
+                  type(exc).__name__)
+        raise ExportError(f"TFLite could not convert {os.path.basename(path)}: "
+                          f"{reason[:300]}") from None
 
 
 def _int8_converter(model: tf_keras.Model, int8_io: bool,
@@ -70,7 +84,7 @@ def _int8_converter(model: tf_keras.Model, int8_io: bool,
 def export_int8_tflite(qmodel: tf_keras.Model, path: str, int8_io: bool,
                        input_dtype: str = "int8") -> int:
     """Full-integer file from a fake-quant model: ranges come from its FakeQuant ops."""
-    return write_atomic(path, _int8_converter(qmodel, int8_io, input_dtype).convert())
+    return write_atomic(path, _convert(_int8_converter(qmodel, int8_io, input_dtype), path))
 
 
 def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
@@ -79,7 +93,7 @@ def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
     converter = _int8_converter(model, int8_io)
     converter.representative_dataset = lambda: ([x[None]] for x in calibration)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return write_atomic(path, converter.convert())
+    return write_atomic(path, _convert(converter, path))
 
 
 # -- evaluation of written files ----------------------------------------------------------------
@@ -238,6 +252,18 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
             qvars["max_var"].assign(bound)
 
 
+def check_exportable(quant: QuantConfig) -> None:
+    """Refuse, before training, settings whose QAT model the TFLite converter cannot write."""
+    low = [f"quant.layers.{pattern}" for pattern, o in quant.layers.items()
+           if o.activation_bits is not None and o.activation_bits < 8]
+    if quant.activation_bits < 8:
+        low.insert(0, "quant.activation_bits")
+    if low:
+        raise ConfigError(f"{low[0]} below 8 cannot be exported yet: the TFLite converter makes "
+                          "int4 activation tensors that its int8 kernels reject; keep "
+                          "activations at 8 bits (weights may go below)")
+
+
 # -- the whole step -------------------------------------------------------------------------------
 def export_run(settings: QATConfig, data: Data | None = None) -> dict:
     """Fold, export and evaluate the quant checkpoint of `settings.run.dir`; writes report.json.
@@ -273,6 +299,7 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     `extra(staging_dir)` may add files and figures. `out_dir` is replaced only once everything
     is written: a failed export leaves it as it was.
     """
+    check_exportable(quant)
     if isinstance(x, list | tuple):  # one array per model input, in model.inputs order
         x = dict(zip(float_model.input_names, x, strict=True))
     batches = x if callable(x) else array_batches(x, y)

@@ -46,11 +46,14 @@ def _run_steps(settings: QATConfig, strategy) -> dict:
     from qat import phases
     from qat.data import load_data
     from qat.distribute import is_chief
+    from qat.export import check_exportable
     from qat.recipe import check_optimizer, phase_recipe
 
     for step in settings.phase.steps:  # every phase's optimizer imports, before anything runs
         if step != "export":
             check_optimizer(phase_recipe(settings, step))
+    if "export" in settings.phase.steps:
+        check_exportable(settings.quant)
     if settings.trainer.strategy != "default" and "quant" in settings.phase.steps:
         if settings.quant.bn_reestimate_batches:
             raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "

@@ -109,6 +109,8 @@ CASES = [
      2, "has class folders but no"),
     ("optimizer that does not import", ["trainer.optimizer._target_=tf_keras.optimizers.Nope"],
      2, "trainer.optimizer._target_=tf_keras.optimizers.Nope does not import"),
+    ("4-bit activations cannot be exported", ["phase=all", "quant.activation_bits=4"], 2,
+     "quant.activation_bits below 8 cannot be exported yet"),
     ("warmup longer than training", ["trainer.schedule.warmup_epochs=5"], 2,
      "trainer.schedule.warmup_epochs=5.0 must be >= 0 and shorter than the phase (1 epochs)"),
     ("npz missing keys", lambda tmp, fr: ["data=npz", _npz(tmp / "a.npz", y_test=None)], 2,
