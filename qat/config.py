@@ -21,7 +21,7 @@ PHASE_STEPS = {
     "quant": ("quant", "export"),
     "all": ("float", "quant", "export"),
 }
-DATASETS = ("digits", "npz", "folder", "synthetic", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "npz", "folder", "tfds", "synthetic", "mnist", "fashion_mnist", "cifar10")
 DEFAULT_SIZE = {"digits": 16, "synthetic": 16}  # digits are 8x8: room for two poolings
 BUILTIN_MODELS = ("convnet", "resnet", "mobilenet")
 MODELS = (*BUILTIN_MODELS, "keras", "target", "file")
@@ -110,7 +110,9 @@ class DataConfig:
     channels: int | None = None  # null: the source's own; 1 or 3 convert gray <-> RGB
     val_fraction: float = 0.2  # digits/synthetic/folder without val/: held-out share (data.seed)
     seed: int = 0
-    cache: bool = False  # folder: keep decoded images in memory after the first epoch
+    cache: bool = False  # folder/tfds: keep decoded images in memory after the first epoch
+    tfds_name: str | None = None  # data=tfds: a dataset prepared in data_dir (no downloads)
+    data_dir: str | None = None  # data=tfds: tfds' data_dir; null: its default
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # data=synthetic only
     num_classes: int = 10
@@ -135,6 +137,8 @@ class DataConfig:
                  f"data.val_fraction={self.val_fraction} must be between 0 and 1")
         _require(self.name not in ("npz", "folder") or bool(self.path),
                  f"data={self.name} needs data.path=...")
+        _require(self.name != "tfds" or bool(self.tfds_name),
+                 "data=tfds needs data.tfds_name=NAME (a dataset prepared in data.data_dir)")
         _require(self.num_classes >= 2, f"data.num_classes={self.num_classes} must be >= 2")
         _require(self.channels in (None, 1, 3), f"data.channels={self.channels} must be 1 or 3")
         _require(self.train_examples > 0 and self.val_examples > 0,

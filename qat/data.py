@@ -52,6 +52,7 @@ class Data:
     val_examples: int
     decode: Callable | None = None
     class_names: tuple[str, ...] | None = None
+    shuffle_buffer: int | None = None  # items shuffled per epoch; None: all (file names)
 
     @classmethod
     def from_arrays(cls, arrays: Arrays) -> Data:
@@ -76,7 +77,7 @@ class Data:
 
     def sample_train(self, count: int, seed: int) -> np.ndarray:
         """`count` training images drawn at random (PTQ calibration), without augmentation."""
-        ds = self.train.shuffle(self.train_examples, seed=seed)
+        ds = self.train.shuffle(self.shuffle_buffer or self.train_examples, seed=seed)
         if self.decode is not None:
             ds = ds.map(self.decode).ignore_errors()
         return np.concatenate([x[None] for x, _ in ds.take(count).as_numpy_iterator()])
@@ -99,6 +100,10 @@ def load_data(cfg: DataConfig) -> Data:
         from qat.folder import load_folder
 
         return load_folder(cfg)
+    if cfg.name == "tfds":
+        from qat.tfds_data import load_tfds
+
+        return load_tfds(cfg)
     return Data.from_arrays(load_arrays(cfg))
 
 

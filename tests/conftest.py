@@ -45,3 +45,35 @@ def write_image_folder(root, per_class: int | None = None, layout: str = "flat",
         path.write_bytes(tf.io.encode_png(image[..., None]).numpy())
         written[str(path)] = image
     return written
+
+
+def write_tfds_dataset(data_dir, name: str = "qat_tiny_digits") -> str:
+    """A tiny tensorflow-datasets dataset (the embedded digits, train + test splits) prepared
+    in `data_dir`, as `tfds build` would leave it; qat then reads it from its files alone."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * 255.0 / 16.0).astype(np.uint8)[..., None]
+
+    class Builder(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"),
+                                         features=tfds.features.FeaturesDict({
+                                             "image": tfds.features.Image(shape=(8, 8, 1)),
+                                             "label": tfds.features.ClassLabel(num_classes=10)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(range(0, 1500)),
+                    "test": self._generate_examples(range(1500, 1797))}
+
+        def _generate_examples(self, indices):
+            for i in indices:
+                yield i, {"image": images[i], "label": int(bunch.target[i])}
+
+    Builder.name = name
+    Builder(data_dir=str(data_dir)).download_and_prepare()
+    return name

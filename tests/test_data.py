@@ -166,3 +166,29 @@ def test_augmentation_only_in_training_and_keeps_the_shape(tmp_path):
     assert 0.3 < np.mean(mirrored) < 0.7
     val = np.concatenate([v for v, _ in data.val_batches(128)])  # evaluation: never augmented
     np.testing.assert_array_equal(val, arrays.x_val)
+
+
+# -- data=tfds --------------------------------------------------------------------------------
+def test_tfds_dataset_prepared_offline_streams_with_its_splits(tmp_path):
+    from qat.data import load_data
+    from tests.conftest import write_tfds_dataset
+
+    name = write_tfds_dataset(tmp_path / "tfds")
+    data = load_data(DataConfig(name="tfds", tfds_name=name, data_dir=str(tmp_path / "tfds"),
+                                image_size=16, channels=3))
+    assert (data.train_examples, data.val_examples) == (1500, 297)  # train / test splits
+    assert data.input_shape == (16, 16, 3) and data.num_classes == 10
+    x, y = next(iter(data.val_batches(32)))
+    assert x.shape == (32, 16, 16, 3) and x.min() >= 0.0 and x.max() <= 1.0
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])  # gray → RGB
+    assert y.dtype == np.int32 and set(np.unique(y)) <= set(range(10))
+
+
+@pytest.mark.parametrize("name, message", [("mnist", "is not prepared in"),
+                                           ("no_such_dataset_xyz", "is not in")])
+def test_tfds_not_prepared_offline_is_one_line(tmp_path, name, message):
+    from qat.data import load_data
+
+    with pytest.raises(DataError, match=message) as info:
+        load_data(DataConfig(name="tfds", tfds_name=name, data_dir=str(tmp_path)))
+    assert "\n" not in str(info.value) and "data.data_dir" in str(info.value)

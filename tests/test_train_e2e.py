@@ -154,3 +154,19 @@ def test_folder_of_images_with_augmentation_and_a_cosine_schedule(tmp_path):
     ((logits),) = runner(**{name: pixels}).values()
     raw_accuracy = float(np.mean(np.argmax(logits, -1) == np.array([y for _, y in val])))
     assert raw_accuracy == report["tflite_int8_accuracy"]
+
+
+def test_tfds_dataset_end_to_end(tmp_path):
+    """data=tfds on a dataset prepared offline: trains, exports, evaluates on its test split."""
+    from tests.conftest import write_tfds_dataset
+
+    name = write_tfds_dataset(tmp_path / "tfds")
+    run = tmp_path / "run"
+    proc = run_cli("qat.train", "phase=all", "data=tfds", f"data.tfds_name={name}",
+                   f"data.data_dir={tmp_path / 'tfds'}", "data.image_size=16", "trainer.epochs=4",
+                   "quant.epochs=1", f"run.dir={run}", "trainer.verbose=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert report["eval_examples"] == 297 and report["tflite_int8_accuracy"] >= 0.8
+    assert json.loads((run / "float" / "data.json").read_text())["class_names"] == [
+        str(d) for d in range(10)]
