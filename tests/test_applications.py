@@ -25,8 +25,8 @@ ARCHS = {  # tfmot's quantize_model refuses all but MobileNetV2 (FIELD-NOTES)
     "ResNet50V2": {},  # BN after Add: pre-activation blocks
     "DenseNet121": {},  # BN after Concatenate
 }
-# 3-5 minutes each on 2 cores (graph size, not compute): `make test-heavy` runs them.
-HEAVY = {"ResNet50V2", "DenseNet121"}
+# 2-5 minutes each on 2 cores (graph size, not compute): `make test-heavy` runs the HEAVY ones.
+HEAVY = {"ResNet50V2", "DenseNet121", "EfficientNetB0"}
 
 
 @pytest.mark.parametrize("arch", [pytest.param(arch, marks=[pytest.mark.heavy] * (arch in HEAVY))
