@@ -281,7 +281,7 @@ class QuantConfig:
     # trained with LSQ's gradients (activations: [min, max]; kernels: a per-channel fraction of
     # the extent), starting from the ema values.
     range: str = "ema"
-    # below 8 bits: the model input, the first and last kernels and the logits stay at 8 bits
+    # below 8 bits: first/last kernels, their inputs (model input, classifier input), logits: 8
     ends_8_bits: bool = True
     # The model input's range, fixed (not averaged): [0, 1] for qat's images (configs/quant),
     # which makes a uint8 input of the int8 file the raw pixels. null: EMA like activations.

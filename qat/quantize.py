@@ -485,6 +485,17 @@ def input_bits(cfg: QuantConfig) -> int:
     return 8 if cfg.ends_8_bits and cfg.activation_bits < 8 else cfg.activation_bits
 
 
+def _range_owner(layer):
+    """The layer whose output range `layer` reads: up through PASS layers (which keep their
+    input's range); None at the model input."""
+    inbound = producers(layer)
+    while len(inbound) == 1 and getattr(rule_for(inbound[0]), "output", None) == PASS:
+        inbound = producers(inbound[0])
+    if len(inbound) != 1 or isinstance(inbound[0], tf_keras.layers.InputLayer):
+        return None
+    return inbound[0]
+
+
 def layer_overrides(model: tf_keras.Model, cfg: QuantConfig) -> dict[str, LayerOverride]:
     """`quant.layers` resolved per layer name; a pattern that matches no layer is an error."""
     resolved: dict[str, LayerOverride] = {}
@@ -493,10 +504,15 @@ def layer_overrides(model: tf_keras.Model, cfg: QuantConfig) -> dict[str, LayerO
     if cfg.ends_8_bits and min(cfg.weight_bits, cfg.activation_bits) < 8:
         # LSQ's convention below 8 bits: the first and the last layer with a kernel (the stem
         # conv and the classifier) keep 8-bit weights and outputs; quant.layers may override.
-        kernels = [layer.name for layer in model.layers
+        kernels = [layer for layer in model.layers
                    if getattr(rule_for(layer), "kernel", None) is not None]
-        for name in kernels[:1] + kernels[-1:]:
-            resolved[name] = LayerOverride(weight_bits=8, activation_bits=8)
+        for layer in kernels[:1] + kernels[-1:]:
+            resolved[layer.name] = LayerOverride(weight_bits=8, activation_bits=8)
+        feeding = _range_owner(kernels[-1]) if kernels else None
+        if feeding is not None:  # the classifier's input, as LSQ keeps it
+            current = resolved.get(feeding.name, LayerOverride())
+            resolved[feeding.name] = LayerOverride(weight_bits=current.weight_bits,
+                                                   activation_bits=8)
     for pattern, override in cfg.layers.items():
         matched = fnmatch.filter(names, pattern)
         if not matched:

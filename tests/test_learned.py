@@ -171,6 +171,7 @@ def test_ends_stay_at_8_bits_below_8_bits():
     low = QuantConfig(weight_bits=4, activation_bits=4)
     overrides = layer_overrides(model, low)
     assert {overrides[kernels[0]].weight_bits, overrides[kernels[-1]].weight_bits} == {8}
+    assert overrides["fc_relu"].activation_bits == 8  # the classifier's input range
     assert input_bits(low) == 8 and input_bits(QuantConfig(activation_bits=4,
                                                            ends_8_bits=False)) == 4
     assert layer_overrides(model, QuantConfig(weight_bits=4, ends_8_bits=False)) == {}
