@@ -154,11 +154,21 @@ def array_batches(x: Inputs, y: np.ndarray, size: int = EVAL_BATCH) -> Batches:
 def predict(model: Callable[[Inputs], np.ndarray], batches: Batches
             ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of one pass over `batches`; `model`: a batch → logits function."""
-    logits, labels = [], []
+    (logits,), labels = predict_each([model], batches)
+    return logits, labels
+
+
+def predict_each(models: list[Callable[[Inputs], np.ndarray]], batches: Batches
+                 ) -> tuple[list[np.ndarray], np.ndarray]:
+    """([logits of each model], labels) from ONE pass over `batches`: a streamed validation
+    set is read and decoded once for all the models compared on it."""
+    outputs: list[list[np.ndarray]] = [[] for _ in models]
+    labels = []
     for x, y in batches():
-        logits.append(np.asarray(model(x)))
+        for out, model in zip(outputs, models, strict=True):
+            out.append(np.asarray(model(x)))
         labels.append(y)
-    return np.concatenate(logits), np.concatenate(labels)
+    return [np.concatenate(out) for out in outputs], np.concatenate(labels)
 
 
 def keras_logits(model: tf_keras.Model) -> Callable[[Inputs], np.ndarray]:
@@ -303,11 +313,11 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     if isinstance(x, list | tuple):  # one array per model input, in model.inputs order
         x = dict(zip(float_model.input_names, x, strict=True))
     batches = x if callable(x) else array_batches(x, y)
-    qat_logits, labels = predict(keras_logits(qmodel), batches)
     unfolded = dequantized_float_model(qmodel, float_model)
     folded = fold_batchnorms(unfolded)
-    fold_diff = check_parity(predict(keras_logits(unfolded), batches)[0],
-                             predict(keras_logits(folded), batches)[0], export.fold_tolerance)
+    (qat_logits, unfolded_logits, folded_logits), labels = predict_each(
+        [keras_logits(m) for m in (qmodel, unfolded, folded)], batches)
+    fold_diff = check_parity(unfolded_logits, folded_logits, export.fold_tolerance)
 
     # The converted model holds plain min/max ranges: learned ones are copied into them.
     qfolded = quantize_model(folded, dataclasses.replace(quant, range="ema"))
@@ -346,10 +356,11 @@ def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, batches: Batch
     if not inspection.full_int8:
         log.warning("export.allow_float_ops=true: model_int8.tflite keeps %d float op(s): %s",
                     len(inspection.float_ops), ", ".join(inspection.float_ops[:5]))
-    int8_logits = predict(TFLiteModel(int8_path), batches)[0]
+    (float_logits, int8_logits), _ = predict_each(
+        [TFLiteModel(float_path), TFLiteModel(int8_path)], batches)
     return {
         "qat_val_accuracy": accuracy(qat_logits, labels),
-        "tflite_float_accuracy": accuracy(predict(TFLiteModel(float_path), batches)[0], labels),
+        "tflite_float_accuracy": accuracy(float_logits, labels),
         "tflite_int8_accuracy": accuracy(int8_logits, labels),
         "int8_agreement": float(np.mean(np.argmax(int8_logits, -1) == np.argmax(qat_logits, -1))),
         "int8_logit_error": logit_error(int8_logits, qat_logits),
