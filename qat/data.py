@@ -54,6 +54,11 @@ class Data:
     class_names: tuple[str, ...] | None = None
     shuffle_buffer: int | None = None  # items shuffled per epoch; None: all (file names)
 
+    @property
+    def train_buffer(self) -> int:
+        """How many training items one shuffle holds."""
+        return self.shuffle_buffer or self.train_examples
+
     @classmethod
     def from_arrays(cls, arrays: Arrays) -> Data:
         import tensorflow as tf
@@ -77,7 +82,7 @@ class Data:
 
     def sample_train(self, count: int, seed: int) -> np.ndarray:
         """`count` training images drawn at random (PTQ calibration), without augmentation."""
-        ds = self.train.shuffle(self.shuffle_buffer or self.train_examples, seed=seed)
+        ds = self.train.shuffle(self.train_buffer, seed=seed)
         if self.decode is not None:
             ds = ds.map(self.decode).ignore_errors()
         return np.concatenate([x[None] for x, _ in ds.take(count).as_numpy_iterator()])

@@ -38,13 +38,13 @@ from qat.phases import (
     tb_dir,
 )
 from qat.quantize import (
-    MIN_RATIO,
     RANGE_FLOOR,
     DepthwiseKernelQuantizer,
     QuantizeLayer,
     depthwise_output_channels,
     folding_pairs,
     quantize_model,
+    usable_range,
 )
 from qat.tflite_check import check_full_int8
 
@@ -224,23 +224,10 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
             if name not in src or short not in src[name]:
                 raise ExportError(f"no learned range for {name}/{short} in the QAT model: the "
                                   "folded graph does not match the trained one")
-            value = src[name][short].numpy()
-            if short == "min":  # what a learned range's forward used (no-ops for EMA ranges)
-                value = np.minimum(value, 0.0)
-            elif short == "max":
-                value = np.maximum(value, np.minimum(src[name]["min"].numpy(), 0.0)
-                                   + RANGE_FLOOR)
+            value = src[name][short]
+            if short in ("min", "max"):  # what the QAT forward used (learned ranges: clamped)
+                value = usable_range(src[name]["min"], src[name]["max"])[short == "max"]
             var.assign(value)
-
-
-def learned_kernel_ratios(qmodel: tf_keras.Model) -> dict[str, np.ndarray]:
-    """{layer name: trained range fraction} of the kernels quantized with quant.range=learned."""
-    ratios = {}
-    for wrapper in qmodel.layers:
-        for _, quantizer, qvars in getattr(wrapper, "_weight_vars", []):
-            if getattr(quantizer, "learned", False):
-                ratios[wrapper.layer.name] = np.clip(qvars["ratio"].numpy(), MIN_RATIO, 1.0)
-    return ratios
 
 
 def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:

@@ -161,7 +161,7 @@ def _fit(model: tf_keras.Model, data: Data, settings: QATConfig, phase: str, *, 
     train = batches(data.train, trainer.batch_size, shuffle=True, seed=trainer.seed,
                     repeat=trainer.steps_per_epoch is not None, decode=data.decode,
                     augment=settings.data.augment, cache=settings.data.cache,
-                    buffer=data.shuffle_buffer or data.train_examples)
+                    buffer=data.train_buffer)
     val = batches(data.val, trainer.batch_size, decode=data.decode, cache=settings.data.cache)
     timer = qcb.StepTimer(write_dir(os.path.join(tb, "train")), trainer.batch_size)
     guard = qcb.StopOnNonFinite()
@@ -239,14 +239,12 @@ def run_quant(settings: QATConfig, data: Data | None = None) -> PhaseResult:
         extra.append(qcb.FreezeBatchNormAfter(batchnorm_layers(qmodel),
                                               settings.quant.freeze_bn_after_steps))
     if settings.quant.bn_reestimate_batches:
-        quant = settings.quant
-
         def training_images():  # shuffled, not augmented
             return batches(data.train, settings.trainer.batch_size, shuffle=True,
                            seed=settings.trainer.seed + 1, repeat=True, decode=data.decode,
-                           buffer=data.shuffle_buffer or data.train_examples)
+                           buffer=data.train_buffer)
 
-        extra.append(ReestimateBatchNorm(training_images, quant.bn_reestimate_batches))
+        extra.append(ReestimateBatchNorm(training_images, settings.quant.bn_reestimate_batches))
     plan = {"layers": quantization_plan(float_model, settings.quant)}
     metrics = _fit(qmodel, data, settings, "quant", epochs=settings.quant.epochs,
                    extra_callbacks=extra, files={PLAN_FILE: plan})

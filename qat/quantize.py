@@ -65,6 +65,14 @@ def depthwise_output_channels(kernel):
     return tf.reshape(kernel, (kh, kw, 1, c * m))
 
 
+def usable_range(lo, hi, relu: bool = False):
+    """An activation range as the fake-quant uses it: a trained range may drift past zero or
+    collapse, so [min(lo, 0), at least RANGE_FLOOR above]. A no-op for EMA ranges; the export
+    copies ranges through it too."""
+    low = tf.zeros([]) if relu else tf.minimum(lo, 0.0)
+    return low, tf.maximum(hi, low + RANGE_FLOOR)
+
+
 # -- quantizers -------------------------------------------------------------------------------
 class ActivationQuantizer(tfq.quantizers.Quantizer):
     """Asymmetric per-tensor activation fake-quant with EMA ranges, seeded by the first batch.
@@ -117,7 +125,7 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
                 weights["seen"].assign(1.0)
             return fake_quant_activation(inputs, lo, hi, self.num_bits, relu=self.relu)
         if self.learned:
-            lo, hi = self._valid_range(lo, hi)
+            lo, hi = usable_range(lo, hi, self.relu)
         return tf.quantization.fake_quant_with_min_max_vars(inputs, lo, hi,
                                                             num_bits=self.num_bits)
 
@@ -131,14 +139,8 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
 
         init = tf.cond(tf.equal(seen, 0.0), first_batch, tf.no_op)
         with tf.control_dependencies([init]):
-            low, high = self._valid_range(tf.identity(lo), tf.identity(hi))
+            low, high = usable_range(tf.identity(lo), tf.identity(hi), self.relu)
         return learned_fake_quant(inputs, low, high, self.num_bits, fixed_low=self.relu)
-
-    def _valid_range(self, lo, hi):
-        """A trained range may drift past zero or collapse: use it as [min(lo, 0), > lo]
-        (what the export copies too)."""
-        low = tf.zeros([]) if self.relu else tf.minimum(lo, 0.0)
-        return low, tf.maximum(hi, low + RANGE_FLOOR)
 
     def get_config(self) -> dict:
         return {"num_bits": self.num_bits, "ema_decay": self.ema_decay, "relu": self.relu,

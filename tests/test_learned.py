@@ -120,11 +120,13 @@ def test_learned_ranges_reach_the_int8_file_unchanged(digits, tmp_path, bn, weig
     (a range copied wrong measured 0.12-0.14 here), ranges found in the file. At 4 bits a few
     near-ties flip between TFLite's integer kernels and the float simulation (README)."""
     from qat.api import export_model
-    from qat.export import learned_kernel_ratios
-    from qat.quantize import ActivationQuantizer
+    from qat.quantize import MIN_RATIO, ActivationQuantizer
 
     model, qmodel, cfg = _trained(digits, bn, weight_bits)
-    ratios = learned_kernel_ratios(qmodel)
+    ratios = {wrapper.layer.name: np.clip(qvars["ratio"].numpy(), MIN_RATIO, 1.0)
+              for wrapper in qmodel.layers
+              for _, quantizer, qvars in getattr(wrapper, "_weight_vars", [])
+              if getattr(quantizer, "learned", False)}  # the kernels' trained range fractions
     assert ratios and any(np.any(np.abs(r - 1.0) > 1e-3) for r in ratios.values())  # trained
     learned = []  # (min, max) of every learned activation range
     for layer in qmodel.layers:  # tfmot's wrapper keeps one output quantizer and its vars
