@@ -32,36 +32,16 @@ def train(settings: QATConfig, threads: int = 0) -> dict:
     import tensorflow as tf  # imported only once the config is known to be good
     import tf_keras
 
-    from qat.distribute import make_strategy
+    from qat import phases
+    from qat.data import load_data
+    from qat.distribute import is_chief, make_strategy
 
     tf_keras.backend.clear_session()  # a sweep runs every job in this one process
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     strategy = make_strategy(settings.trainer.strategy, settings.trainer.cpu_replicas)
-    return _run_steps(settings, strategy)
-
-
-def _run_steps(settings: QATConfig, strategy) -> dict:
-    from qat import phases
-    from qat.data import load_data
-    from qat.distribute import is_chief
-    from qat.export import check_exportable
-    from qat.recipe import check_optimizer, phase_recipe
-
-    for step in settings.phase.steps:  # every phase's optimizer imports, before anything runs
-        if step != "export":
-            check_optimizer(phase_recipe(settings, step))
-    if "export" in settings.phase.steps:
-        check_exportable(settings.quant)
-    if settings.trainer.strategy != "default" and "quant" in settings.phase.steps:
-        if settings.quant.bn_reestimate_batches:
-            raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "
-                              "trainer.strategy=default, or re-estimate in a separate quant run")
-        if settings.quant.range == "learned":  # its first-batch init is a conditional assign
-            raise ConfigError("quant.range=learned is not supported under "
-                              f"trainer.strategy={settings.trainer.strategy} yet: use "
-                              "trainer.strategy=default or quant.range=ema")
+    _check_runnable(settings)
     data = load_data(settings.data)
     results: dict = {}
     for step in settings.phase.steps:
@@ -75,6 +55,26 @@ def _run_steps(settings: QATConfig, strategy) -> dict:
         with strategy.scope():
             results[step] = run_phase(settings, data).metrics
     return results
+
+
+def _check_runnable(settings: QATConfig) -> None:
+    """Settings that would fail mid-run, refused before anything runs or is written."""
+    from qat.export import check_exportable
+    from qat.recipe import check_optimizer, phase_recipe
+
+    for step in settings.phase.steps:  # every phase's optimizer imports
+        if step != "export":
+            check_optimizer(phase_recipe(settings, step))
+    if "export" in settings.phase.steps:
+        check_exportable(settings.quant)
+    if settings.trainer.strategy != "default" and "quant" in settings.phase.steps:
+        if settings.quant.bn_reestimate_batches:
+            raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "
+                              "trainer.strategy=default, or re-estimate in a separate quant run")
+        if settings.quant.range == "learned":  # its first-batch init is a conditional assign
+            raise ConfigError("quant.range=learned is not supported under "
+                              f"trainer.strategy={settings.trainer.strategy} yet: use "
+                              "trainer.strategy=default or quant.range=ema")
 
 
 def objective(results: dict) -> float:
