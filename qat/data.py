@@ -139,15 +139,6 @@ def batches(ds, batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat
     return ds.batch(batch_size, drop_remainder=shuffle).prefetch(auto)
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
-                 repeat: bool = False):
-    """Batched, prefetched pipeline over arrays (`batches` on an in-memory stream)."""
-    import tensorflow as tf
-
-    return batches(tf.data.Dataset.from_tensor_slices((x, y)), batch_size, shuffle=shuffle,
-                   seed=seed, repeat=repeat, buffer=len(x))
-
-
 def _to_channels(x: np.ndarray, channels: int) -> np.ndarray:
     """Gray → RGB by repeating; RGB → gray by ITU-R 601 luma (tf.image's weights)."""
     if x.shape[-1] == channels:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qat.config import DataConfig
-from qat.data import load_arrays, make_dataset
+from qat.data import Data, batches, load_arrays
 from qat.errors import DataError
 
 
@@ -66,8 +66,8 @@ def test_synthetic_shapes_and_pipeline():
     data = load_arrays(DataConfig(name="synthetic", image_size=8, channels=3, num_classes=4,
                                   train_examples=64, val_examples=16))
     assert data.input_shape == (8, 8, 3) and data.num_classes == 4
-    batches = list(make_dataset(data.x_train, data.y_train, 16, shuffle=True, seed=0))
-    assert len(batches) == 4 and batches[0][0].shape == (16, 8, 8, 3)
+    drawn = list(batches(Data.from_arrays(data).train, 16, shuffle=True, seed=0))
+    assert len(drawn) == 4 and drawn[0][0].shape == (16, 8, 8, 3)
 
 
 def test_npz_images_keep_their_own_size_unless_asked(tmp_path):
