@@ -57,6 +57,10 @@ def write_tfds_dataset(data_dir, name: str = "qat_tiny_digits") -> str:
     bunch = load_digits()
     images = np.round(bunch.images * 255.0 / 16.0).astype(np.uint8)[..., None]
 
+    if name in _TFDS_BUILDERS:  # tfds registers a builder class once per process, by name
+        _TFDS_BUILDERS[name](data_dir=str(data_dir)).download_and_prepare()
+        return name
+
     class Builder(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
 
@@ -75,5 +79,9 @@ def write_tfds_dataset(data_dir, name: str = "qat_tiny_digits") -> str:
                 yield i, {"image": images[i], "label": int(bunch.target[i])}
 
     Builder.name = name
+    _TFDS_BUILDERS[name] = Builder
     Builder(data_dir=str(data_dir)).download_and_prepare()
     return name
+
+
+_TFDS_BUILDERS: dict = {}
