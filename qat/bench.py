@@ -25,7 +25,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras
 
 from qat.config import ModelConfig, QuantConfig
-from qat.layers import QuantBatchNorm, set_switches
+from qat.layers import QuantBatchNorm, set_switches, synchronize_batchnorms
 from qat.models import build_model
 from qat.quantize import quantize_model
 
@@ -154,6 +154,29 @@ def bench_network(model_name: str, image: tuple[int, int, int], batch: int, widt
     return time_rounds(candidates, rounds, steps), quant_net
 
 
+def bench_sync_bn(model_name: str, image: tuple[int, int, int], batch: int, width: int,
+                  rounds: int, steps: int, replicas: int) -> dict[str, list[float]]:
+    """Keras train steps mirrored over `replicas` logical CPUs, BN per replica vs synchronized
+    (`model.sync_bn`), float and quant phase: what the global-batch statistics cost."""
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    cfg = ModelConfig(name=model_name, width=width)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (batch, *image)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    candidates = {}
+    with strategy.scope():
+        for sync in (False, True):
+            suffix = "sync" if sync else "per_replica"
+            nets = {"float": build_model(cfg, image, 10), "quant": build_model(cfg, image, 10)}
+            for net in nets.values():
+                if sync:
+                    synchronize_batchnorms(net)
+            nets["quant"] = quantize_model(nets["quant"], QuantConfig())
+            for phase, net in nets.items():
+                candidates[f"{phase}_{suffix}"] = _model_step(net, x, y)
+    return time_rounds(candidates, rounds, steps)
+
+
 def bench_application(arch: str, kwargs: dict, image: tuple[int, int, int], batch: int,
                       rounds: int, steps: int) -> dict[str, list[float]]:
     """A keras.applications net: qat float (prepared) vs qat quant vs tfmot `quantize_model`."""
@@ -224,12 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch-kwargs", default="alpha=0.35")
     parser.add_argument("--arch-image", default="96,96,3")
     parser.add_argument("--arch-batch", type=int, default=16)
+    parser.add_argument("--sync-replicas", type=int, default=2,
+                        help="logical CPUs to mirror over for the sync_bn on/off figures "
+                             "(0 to skip)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--threads", type=int, default=1,
                         help="TensorFlow threads (0: its default, all cores). 1, as in "
                              "torch.utils.benchmark: ratios that repeat on a shared machine")
     args = parser.parse_args(argv)
+    if args.sync_replicas > 1:  # before any other TensorFlow op
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * args.sync_replicas)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -244,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     application = bench_application(
         args.arch, _kwargs(args.arch_kwargs), tuple(int(v) for v in args.arch_image.split(",")),
         args.arch_batch, args.rounds, args.steps) if args.arch else {}
+    sync = bench_sync_bn(args.model, image, args.batch, args.width, args.rounds, args.steps,
+                         args.sync_replicas) if args.sync_replicas > 1 else {}
     pairs = {  # ratios taken within each round, then summarized over rounds
         "qat_quant/keras_fused": (bn, "qat_quant", "keras_fused"),
         "qat_float/keras_fused": (bn, "qat_float", "keras_fused"),
@@ -255,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs.update({
             "app_quant/app_float": (application, "app_quant", "app_float"),
             "app_quant/app_tfmot": (application, "app_quant", "app_tfmot")})
+    if sync:
+        pairs.update({
+            "float_sync/float_per_replica": (sync, "float_sync", "float_per_replica"),
+            "quant_sync/quant_per_replica": (sync, "quant_sync", "quant_per_replica")})
     result = {
         "bn_layer": medians(bn),
         "network": medians(network),
@@ -263,12 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_spread": {name: ratio_spread(samples, a, b)
                          for name, (samples, a, b) in pairs.items()},
         "application": medians(application),
+        "sync_bn": medians(sync),
         "rounds": {"bn_layer": bn, "network": network, "tflite": tflite,  # ms, round by round
-                   "application": application},
+                   "application": application, "sync_bn": sync},
         "shapes": {"bn_input": list(bn_shape), "network_input": [args.batch, *image],
                    "model": args.model, "width": args.width,
                    "application": {"arch": args.arch, "kwargs": _kwargs(args.arch_kwargs),
-                                   "input": [args.arch_batch, *args.arch_image.split(",")]}},
+                                   "input": [args.arch_batch, *args.arch_image.split(",")]},
+                   "sync_bn": {"replicas": args.sync_replicas, "global_batch": args.batch}},
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
         "threads": args.threads or "tensorflow default",
         "tensorflow": tf.__version__,

@@ -165,6 +165,9 @@ class ModelConfig:
     path: str | None = None  # model=file: a .keras / .h5 file or a SavedModel directory
     weights: str | None = None  # model=keras: a local weights file (nothing is downloaded)
     kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keywords (arch/target)
+    # Every BN's training statistics over the global batch (all replicas), both phases: results
+    # independent of the replica count. Off: each replica normalizes its own share (Keras).
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         _require(self.name in MODELS, f"model={self.name} is unknown: use one of {MODELS}")

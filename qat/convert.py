@@ -32,7 +32,8 @@ def qat_batchnorm_from(layer: tf_keras.layers.BatchNormalization) -> QuantBatchN
     """qat's BN with the Keras layer's settings (weights are copied once it is built)."""
     _check_axis(layer)
     return QuantBatchNorm(momentum=layer.momentum, epsilon=layer.epsilon, center=layer.center,
-                          scale=layer.scale, name=layer.name, trainable=layer.trainable)
+                          scale=layer.scale, name=layer.name, trainable=layer.trainable,
+                          synchronized=bool(getattr(layer, "synchronized", False)))
 
 
 def _batchnorm_weights(layer: tf_keras.layers.BatchNormalization) -> dict:

@@ -2,10 +2,10 @@
 
 `default`: one device. `mirrored`: MirroredStrategy over this machine's GPUs. `multiworker`:
 MultiWorkerMirroredStrategy across processes/hosts described by the `TF_CONFIG` environment
-variable. BN statistics are per replica (each replica normalizes with its own share of the global
-batch, as Keras' BN does); moving statistics are averaged across replicas when read. Synchronized
-BN is not offered: FusedBatchNormV3 computes the batch moments inside the kernel, so a
-cross-replica all-reduce of them would mean giving up the fused kernel qat exists for.
+variable. BN statistics are per replica by default (each replica normalizes with its own share
+of the global batch, as Keras' BN does; moving statistics are averaged when read);
+`model.sync_bn=true` computes them over the global batch (`qat.layers.global_moments`), and
+activation ranges always take the global batch's extremes (`qat.quantize.global_extent`).
 
 Only the chief writes real checkpoints, TensorBoard events, metrics and exports; the other
 workers still take part in every collective save, but into throw-away directories.

@@ -38,11 +38,14 @@ class QuantBatchNorm(tf_keras.layers.Layer):
       * `params` — gamma, beta, mean and a variance term each (`bn_variance`: 1/sqrt(var+eps) or
         var itself), for fixed-point BN units that store them separately.
     In which number format (`bn_format`, see `qat.quant_ops`): `channel_exponent` or `tensor`.
+    `synchronized`: training statistics over the global batch of every replica (`global_moments`),
+    so the result does not depend on how many replicas share the batch.
     """
 
     def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
                  scale: bool = True, bn_bits: int = 8, bn_target: str = "affine",
-                 bn_format: str = "channel_exponent", bn_variance: str = "inv_std", **kwargs):
+                 bn_format: str = "channel_exponent", bn_variance: str = "inv_std",
+                 synchronized: bool = False, **kwargs):
         super().__init__(**kwargs)
         _check_choice("bn_target", bn_target, BN_TARGETS)
         _check_choice("bn_format", bn_format, BN_FORMATS)
@@ -55,6 +58,7 @@ class QuantBatchNorm(tf_keras.layers.Layer):
         self.bn_target = bn_target
         self.bn_format = bn_format
         self.bn_variance = bn_variance
+        self.synchronized = bool(synchronized)
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -158,10 +162,30 @@ class QuantBatchNorm(tf_keras.layers.Layer):
                 return y[:, 0, 0, :] if rank2 else y
         use_batch = tf.logical_and(tf.cast(training, tf.bool),
                                    tf.equal(self.freeze_switch, 0))
-        y, new_mean, new_variance = tf.cond(use_batch, with_batch_stats, with_moving_stats)
+        if self.synchronized:
+            y, new_mean, new_variance = self._synchronized_batch_norm(x, gamma, beta, use_batch,
+                                                                      rank2)
+        else:
+            y, new_mean, new_variance = tf.cond(use_batch, with_batch_stats, with_moving_stats)
         self.moving_mean.assign(new_mean)
         self.moving_variance.assign(new_variance)
         return y[:, 0, 0, :] if rank2 else y
+
+    def _synchronized_batch_norm(self, x, gamma, beta, use_batch, rank2: bool):
+        """Training step on the global batch's statistics. Everything that crosses replicas or
+        carries the custom gradient stays outside tf.cond (MirroredStrategy cannot synchronize
+        inside a branch, and a custom gradient there loses its captures): the cond only picks
+        which statistics feed the fused kernel's inference path. The moving variance averages
+        the n/(n-1)-corrected global variance on NHWC, the biased one on N×C, as unsynchronized."""
+        batch_mean, batch_variance, count = global_moments(x, self.moving_mean, use_batch)
+        mean, variance = tf.cond(use_batch, lambda: (batch_mean, batch_variance),
+                                 self.moving_stats)
+        y = normalize_with_statistics(x, gamma, beta, mean, variance, self.epsilon)
+        if not rank2:
+            batch_variance = batch_variance * count / tf.maximum(count - 1.0, 1.0)
+        decay = tf.where(use_batch, 1.0 - self.momentum, 0.0)
+        return (y, self.moving_mean - (self.moving_mean - batch_mean) * decay,
+                self.moving_variance - (self.moving_variance - batch_variance) * decay)
 
     def _rank2_batch_norm(self, x, gamma, beta):
         """N×C training step with Keras' N×C statistics: the moving variance averages the biased
@@ -183,8 +207,66 @@ class QuantBatchNorm(tf_keras.layers.Layer):
         config.update(momentum=self.momentum, epsilon=self.epsilon, center=self.center,
                       scale=self.scale, bn_bits=self.bn_bits,
                       bn_target=self.bn_target, bn_format=self.bn_format,
-                      bn_variance=self.bn_variance)
+                      bn_variance=self.bn_variance, synchronized=self.synchronized)
         return config
+
+
+def global_moments(x, shift, use_batch):
+    """(mean, biased variance, count) per channel of NHWC `x` over the global batch.
+
+    Sums of (x - shift) and its square are all-reduced across replicas (one collective of 2C+1
+    values), so 1 replica with batch B and R replicas with B/R each get the same moments.
+    The sums are float64: a float32 sum depends on how the batch is split (~1e-7), and a
+    fake-quant downstream turns such a difference into a whole step wherever a value sits on a
+    rounding boundary; in float64 the moments round to the same float32 on any replica count.
+    `shift` (the moving mean, no gradient) keeps E[d²] - E[d]² from cancelling when channel
+    means are large. Where `use_batch` is false (inference, frozen) the local sums are zeros:
+    every replica still joins the collective, but no pass over `x` is made.
+    """
+    shift = tf.stop_gradient(tf.convert_to_tensor(shift))
+    channels = x.shape[-1]
+
+    def local_sums():
+        d = tf.cast(x - shift, tf.float64)
+        return tf.stack([tf.reduce_sum(d, [0, 1, 2]), tf.reduce_sum(tf.square(d), [0, 1, 2])])
+
+    sums = tf.cond(use_batch, local_sums, lambda: tf.zeros((2, channels), tf.float64))
+    count = tf.cast(tf.size(x) // channels, tf.float64)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        sums, count = context.all_reduce(tf.distribute.ReduceOp.SUM, [sums, count])
+    count = tf.maximum(count, 1.0)
+    mean = sums[0] / count
+    variance = tf.maximum(sums[1] / count - tf.square(mean), 0.0)
+    return (tf.cast(mean, x.dtype) + shift, tf.cast(variance, x.dtype),
+            tf.cast(count, x.dtype))
+
+
+def normalize_with_statistics(x, gamma, beta, mean, variance, epsilon: float):
+    """gamma·(x − mean)/√(variance + ε) + beta on the fused kernel's inference path, with the
+    gradient reaching `mean` and `variance` too (the kernel's own gradient stops there).
+
+    Both extra gradients come from the per-channel sums the kernel's backward already returns:
+    dL/dmean = −γ·r·Σdy = −γ·r·dbeta and dL/dvariance = −½·γ·r²·Σdy·(x−mean)·r = −½·γ·r²·dgamma,
+    with r = 1/√(variance + ε): no extra pass over the tensor.
+    """
+    @tf.custom_gradient
+    def normalize(x, gamma, beta, mean, variance):
+        y, _, _, _, _, reserve = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=epsilon,
+            is_training=False)
+
+        def grad(dy):
+            dx, dgamma, dbeta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=x, scale=gamma, reserve_space_1=mean, reserve_space_2=variance,
+                reserve_space_3=reserve, epsilon=epsilon, is_training=False)
+            inv_std = tf.math.rsqrt(variance + epsilon)
+            return (dx, dgamma, dbeta, -gamma * inv_std * dbeta,
+                    -0.5 * gamma * tf.square(inv_std) * dgamma)
+
+        return y, grad
+
+    return normalize(x, gamma, beta, mean, variance)
 
 
 class ChannelAffine(tf_keras.layers.Layer):
@@ -238,6 +320,13 @@ def batchnorm_layers(model: tf_keras.Model) -> list[QuantBatchNorm]:
         if isinstance(layer, QuantBatchNorm):
             found.append(layer)
     return found
+
+
+def synchronize_batchnorms(model: tf_keras.Model) -> None:
+    """Every BN of `model` computes training statistics over the global batch (`model.sync_bn`).
+    Before the model is first traced: the flag is read when the graph is built."""
+    for layer in batchnorm_layers(model):
+        layer.synchronized = True
 
 
 def set_switches(model: tf_keras.Model, *, quantize: bool | None = None,

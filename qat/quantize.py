@@ -73,6 +73,18 @@ def usable_range(lo, hi, relu: bool = False):
     return low, tf.maximum(hi, low + RANGE_FLOOR)
 
 
+def global_extent(low, high):
+    """(min, max) of a batch split across replicas: the global batch's, as on one replica.
+    ReduceOp has no MIN/MAX, so the replicas' pairs are gathered (2 floats each) and reduced."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return low, high
+    pairs = context.all_gather(tf.stack([-tf.convert_to_tensor(low, tf.float32),
+                                         tf.convert_to_tensor(high, tf.float32)])[None], axis=0)
+    extent = tf.reduce_max(pairs, axis=0)
+    return -extent[0], extent[1]
+
+
 # -- quantizers -------------------------------------------------------------------------------
 class ActivationQuantizer(tfq.quantizers.Quantizer):
     """Asymmetric per-tensor activation fake-quant with EMA ranges, seeded by the first batch.
@@ -98,7 +110,8 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
 
     def build(self, tensor_shape, name, layer):
         constant = tf_keras.initializers.Constant
-        # Under tf.distribute each replica sees its own batch: ranges are averaged across them.
+        # Under tf.distribute every replica assigns the same global-batch value (global_extent):
+        # MEAN keeps it, whatever the replica count.
         mean = tf.VariableAggregation.MEAN
         low, high = self.fixed_range or (0.0 if self.relu else -INITIAL_RANGE, INITIAL_RANGE)
         return {
@@ -117,7 +130,7 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
             return self._learned(inputs, weights)
         if training and self.fixed_range is None:
             batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
-            batch_hi = tf.maximum(tf.reduce_max(inputs), 0.0)
+            batch_lo, batch_hi = global_extent(batch_lo, tf.maximum(tf.reduce_max(inputs), 0.0))
             keep = self.ema_decay * weights["seen"]  # 0 on the first batch: take it as is
             lo = lo.assign(keep * lo + (1.0 - keep) * batch_lo)
             hi = hi.assign(keep * hi + (1.0 - keep) * batch_hi)

@@ -24,6 +24,7 @@ from qat.config import BUILTIN_MODELS, ModelConfig
 from qat.convert import convert_batchnorms
 from qat.errors import ConfigError
 from qat.graph import rebuild
+from qat.layers import synchronize_batchnorms
 from qat.models import build_model
 
 log = logging.getLogger("qat")
@@ -138,13 +139,17 @@ def load_float_model(cfg: ModelConfig, input_shape: tuple[int, ...],
                      num_classes: int) -> tf_keras.Model:
     """The configured float model with qat's BN, outputting logits, checked against the data."""
     if cfg.name in BUILTIN_MODELS:
-        return build_model(cfg, input_shape, num_classes)
-    if cfg.name == "keras":
-        model = keras_application(cfg, input_shape, num_classes)
-    elif cfg.name == "target":
-        model = user_target(cfg, input_shape, num_classes)
+        model = build_model(cfg, input_shape, num_classes)
     else:
-        model = saved_model_file(cfg)
-    _check_fits_data(model, input_shape, num_classes)
-    return convert_batchnorms(as_logits(model))
+        if cfg.name == "keras":
+            model = keras_application(cfg, input_shape, num_classes)
+        elif cfg.name == "target":
+            model = user_target(cfg, input_shape, num_classes)
+        else:
+            model = saved_model_file(cfg)
+        _check_fits_data(model, input_shape, num_classes)
+        model = convert_batchnorms(as_logits(model))
+    if cfg.sync_bn:
+        synchronize_batchnorms(model)
+    return model
 

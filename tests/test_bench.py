@@ -52,7 +52,9 @@ def test_bench_writes_the_contract(tmp_path):
     assert set(result["network"]) == {"float_phase", "quant_phase", "tfmot_default"}
     assert set(result["tflite"]) == {"float_ms", "int8_ms"}
     assert set(result["application"]) == {"app_float", "app_quant", "app_tfmot"}
-    parts = ("bn_layer", "network", "tflite", "application")
+    assert set(result["sync_bn"]) == {"float_per_replica", "float_sync", "quant_per_replica",
+                                      "quant_sync"}
+    parts = ("bn_layer", "network", "tflite", "application", "sync_bn")
     assert all(v > 0 for part in parts for v in result[part].values())
     assert result["shapes"]["bn_input"] == [8, 8, 8, 4] and result["tensorflow"]
     assert result["threads"] == 1
@@ -68,7 +70,7 @@ def test_bench_writes_the_contract(tmp_path):
     assert set(result["ratios"]) == set(result["ratio_spread"]) == {
         "qat_quant/keras_fused", "qat_float/keras_fused", "naive/keras_fused",
         "quant_phase/float_phase", "quant_phase/tfmot_default", "app_quant/app_float",
-        "app_quant/app_tfmot"}
+        "app_quant/app_tfmot", "float_sync/float_per_replica", "quant_sync/quant_per_replica"}
     for name, ratio in result["ratios"].items():
         a, b = name.split("/")
         (part,) = [part for part, samples in raw.items() if a in samples and b in samples]

@@ -103,8 +103,10 @@ def test_moving_statistics_update_in_a_custom_tf_function_loop():
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("training", [True, False])
-def test_gradients_match_finite_differences(shape, training):
-    layer = _layer(shape, momentum=1.0 - 1e-7)  # keep the moving stats still while probing
+@pytest.mark.parametrize("synchronized", [False, True])
+def test_gradients_match_finite_differences(shape, training, synchronized):
+    # keep the moving stats still while probing
+    layer = _layer(shape, momentum=1.0 - 1e-7, synchronized=synchronized)
     small = tuple(min(d, 4) for d in shape)
     x = tf.constant(_x(small))
     upstream = tf.constant(np.random.default_rng(5).normal(size=small).astype(np.float32))
@@ -131,6 +133,41 @@ def test_gradients_match_finite_differences(shape, training):
             down = float(loss())
             var.assign(base)
             assert grad.numpy()[c] == pytest.approx((up - down) / 2e-2, rel=1e-2, abs=1e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("quantized", [False, True])
+def test_synchronized_statistics_equal_the_fused_kernel_on_one_replica(shape, quantized):
+    """`synchronized` computes the moments outside the kernel and feeds them to its inference
+    path with a gradient of its own: on one replica it must be the fused training step exactly
+    (outputs, gradients to x/gamma/beta, moving statistics), in float and quantized mode."""
+    fused, synced = _layer(shape, momentum=0.8), _layer(shape, momentum=0.8, synchronized=True)
+    set_switches(None, quantize=quantized, layers=[fused, synced])
+    upstream = tf.constant(np.random.default_rng(7).normal(size=shape).astype(np.float32))
+    for step in range(3):
+        x = tf.constant(_x(shape, seed=step))
+        results = []
+        for layer in (fused, synced):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * upstream)
+            results.append([y, *tape.gradient(loss, [x, layer.gamma, layer.beta])])
+        for want, got in zip(*results, strict=True):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(getattr(synced, name).numpy(), getattr(fused, name).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_synchronized_frozen_layer_uses_moving_statistics_and_keeps_them():
+    layer = _layer((8, 4, 4, 3), synchronized=True)
+    set_switches(None, freeze=True, layers=[layer])
+    g, b, m, v = _params(layer)
+    x = _x((8, 4, 4, 3))
+    np.testing.assert_allclose(layer(x, training=True).numpy(),
+                               reference.batchnorm(x, g, b, m, v, EPS), atol=1e-4)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), m.astype(np.float32))
 
 
 def test_single_example_inference_uses_moving_statistics():
