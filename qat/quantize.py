@@ -11,8 +11,9 @@ int8 file will compute (TFLite fuses conv+BN+ReLU into one op):
   * no fake-quant between a conv and the BN folded into it, nor in front of a RELU/RELU6 that
     TFLite fuses into the op before it;
   * one activation fake-quant wherever the int8 graph has a tensor (`check_plan` verifies it
-    before training); a plain ReLU is computed by its fake-quant (range pinned at 0), as the
-    int8 op's output range computes it (`FusedReLU`);
+    before training); a plain ReLU fused into the op before it is computed by its fake-quant
+    (range pinned at 0), as the int8 op's output range computes it (`FusedReLU`); any other
+    ReLU stays a layer, a RELU op of the int8 graph (`relu_fuses`);
   * BN's own gamma, beta, mean and variance: inside qat's BN layer, behind its switch
     (`quant.bn=params`), or folded into the preceding kernel's quantizer (`quant.bn=fold`).
 """
@@ -264,9 +265,11 @@ class FusedReLU(tf_keras.layers.Layer):
 
     FakeQuant on a range pinned at 0 maps every negative input to 0, and the quantizer's gradient
     is cut at x <= 0, so ReLU → FakeQuant equals that FakeQuant alone, forward and backward, as
-    TFLite's int8 ReLU is just the output range of the op before it. Dropping the separate ReLU
-    saves a pass over the tensor forward and one backward. Identity on its own: only
-    `quantize_model` creates it, always wrapped with a `relu` ActivationQuantizer.
+    TFLite's fused int8 ReLU is just the output range of the op before it. Dropping the separate
+    ReLU saves a pass over the tensor forward and one backward. Identity on its own: only
+    `quantize_model` creates it, always wrapped with a `relu` ActivationQuantizer, and only for a
+    ReLU that fuses into its producer (`relu_fuses`): elsewhere the converter would see two
+    FakeQuants in a row and drop the ReLU's.
     """
 
     def call(self, inputs):
@@ -420,6 +423,17 @@ def fuses_into(producer, consumer, pairs: dict[str, str]) -> bool:
     if isinstance(consumer, QuantBatchNorm):
         return pairs.get(consumer.name) == producer.name
     return is_fusable_relu(consumer) and type(producer).__name__ in FUSES_RELU
+
+
+def relu_fuses(layer, pairs: dict[str, str]) -> bool:
+    """True when the ReLU `layer` is no op of the int8 graph: TFLite fuses it into the op before
+    it (a conv, BN, add... whose output feeds only this ReLU). Any other ReLU (after an Add that
+    also feeds a residual branch, as in Xception; after a concatenation or a pooling) is an op of
+    its own and must stay one in the graph the converter sees: a lone FakeQuant pinned at 0 right
+    after its input's FakeQuant is dropped by the converter (after ADD and CONCATENATION), so the
+    negative values would pass on in the int8 file while the QAT model clamps them."""
+    inbound = producers(layer)
+    return len(inbound) == 1 and fuses_into(inbound[0], layer, pairs)
 
 
 def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
@@ -622,8 +636,8 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None) -> tf_
         config = layer.get_config()
         if isinstance(layer, QuantBatchNorm):
             config.update(bn_overrides)
-        clone = FusedReLU(name=layer.name) if is_plain_relu(layer) else (
-            layer.__class__.from_config(config))
+        fused = is_plain_relu(layer) and relu_fuses(layer, pairs)
+        clone = FusedReLU(name=layer.name) if fused else layer.__class__.from_config(config)
         return tfq.quantize_annotate_layer(clone, configs[layer.name])
 
     with quantize_scope():

@@ -57,6 +57,30 @@ def test_plain_relus_are_computed_by_their_fake_quant():
         assert out.min() == 0.0 and out.max() > 0.0
 
 
+def test_relus_that_do_not_fuse_keep_their_layer():
+    """A ReLU whose producer cannot carry it (an Add that also feeds a residual branch, as in
+    Xception; a concatenation) is a RELU op of its own in the int8 file, so it stays a layer:
+    a lone FakeQuant pinned at 0 after its input's FakeQuant is dropped by the converter."""
+    inputs = tf_keras.Input((4, 4, 2))
+    stem = tf_keras.layers.Conv2D(4, 1, name="stem")(inputs)
+    other = tf_keras.layers.Conv2D(4, 1, name="other")(inputs)
+    added = tf_keras.layers.Add(name="add")([stem, other])  # read by the ReLU and by "cat"
+    relu = tf_keras.layers.Activation("relu", name="add_relu")(added)
+    branch = tf_keras.layers.Conv2D(4, 1, name="branch")(relu)
+    merged = tf_keras.layers.Concatenate(name="cat")([branch, added])
+    cat_relu = tf_keras.layers.ReLU(name="cat_relu")(merged)
+    conv = tf_keras.layers.Conv2D(4, 1, name="conv")(cat_relu)
+    fused = tf_keras.layers.ReLU(name="fused_relu")(conv)
+    pooled = tf_keras.layers.GlobalAveragePooling2D(name="pool")(fused)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(pooled))
+    wrappers = _wrappers(quantize_model(model, QuantConfig()))
+    assert type(wrappers["add_relu"].layer).__name__ == "Activation"
+    assert type(wrappers["cat_relu"].layer).__name__ == "ReLU"
+    assert type(wrappers["fused_relu"].layer).__name__ == "FusedReLU"  # conv → ReLU: one op
+    for name in ("add_relu", "cat_relu", "fused_relu"):
+        assert wrappers[name]._output_quantizers[0].relu
+
+
 def test_leaky_and_capped_relus_keep_their_layer():
     inputs = tf_keras.Input((4, 4, 2))
     leaky = tf_keras.layers.ReLU(negative_slope=0.1, name="leaky")(inputs)

@@ -69,3 +69,33 @@ def test_quant_phase_reestimates_before_its_last_checkpoint(tmp_path):
         assert (run / "export" / "report.json").is_file()
     assert stats[0].keys() == stats[3].keys() and stats[0]
     assert all(not np.allclose(stats[0][k], stats[3][k]) for k in stats[0])
+
+
+def test_a_bn_folded_into_a_per_tensor_grid_keeps_its_variance_and_the_grid():
+    """Dense → BN: the dense kernel is quantized folded on ONE grid, fq(W·γ/√(var+ε)), so the
+    moving variance sets the grid step and which weights round to 0, i.e. the kernel the file
+    holds. Re-estimation keeps that variance and measures the mean on that grid; re-estimating
+    the variance too moved the grid after every batch, and the file used yet another one."""
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input((16,))
+    x = tf_keras.layers.Dense(8, use_bias=False, name="hidden")(inputs)
+    x = tf_keras.layers.ReLU()(tf_keras.layers.BatchNormalization(name="bn")(x))
+    model = prepare(tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(x)))
+    qmodel = quantize_model(model, QuantConfig(input_range=[0.0, 1.0], weight_bits=2,
+                                               ends_8_bits=False))
+    (bn,) = batchnorm_layers(qmodel)
+    wrapper = qmodel.get_layer("quant_hidden")
+    ((kernel, quantizer, qvars),) = wrapper._weight_vars
+    assert quantizer.bn is bn and not quantizer.per_channel  # the folded per-tensor grid
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(0, 1, (32, 16)).astype(np.float32) for _ in range(4)]
+    variance = bn.moving_variance.numpy().copy()
+    grid = quantizer(kernel, False, qvars).numpy()
+
+    assert reestimate_bn_statistics(qmodel, images) == 4
+
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), variance)
+    np.testing.assert_array_equal(quantizer(kernel, False, qvars).numpy(), grid)
+    dense = tf_keras.Model(qmodel.inputs, wrapper.output)  # x·fq(W·s)/s on the kept grid
+    means = [dense(x, training=True).numpy().mean(0) for x in images]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean(means, 0), rtol=1e-5, atol=1e-6)
