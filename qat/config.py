@@ -8,6 +8,7 @@ into these objects; library code only ever sees the objects, never a DictConfig.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ PHASE_STEPS = {
     "quant": ("quant", "export"),
     "all": ("float", "quant", "export"),
 }
+NORMALIZATIONS = ("unit", "symmetric", "mean_std")
 DATASETS = ("digits", "npz", "folder", "tfds", "synthetic", "mnist", "fashion_mnist", "cifar10")
 DEFAULT_SIZE = {"digits": 16, "synthetic": 16}  # digits are 8x8: room for two poolings
 BUILTIN_MODELS = ("convnet", "resnet", "mobilenet")
@@ -114,6 +116,13 @@ class DataConfig:
     tfds_name: str | None = None  # data=tfds: a dataset prepared in data_dir (no downloads)
     data_dir: str | None = None  # data=tfds: tfds' data_dir; null: its default
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # After scaling to [0, 1] (and augmentation): unit keeps [0, 1]; symmetric is (p - 128)/128
+    # on 0..255 pixels, [-1, 127/128] (TFLite's int8 image models; not x/127.5 - 1, see README);
+    # mean_std computes (x - data.mean) / data.std, one value or one per channel, [0, 1] units
+    # (ImageNet: mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]).
+    normalize: str = "unit"
+    mean: list[float] | None = None
+    std: list[float] | None = None
     # data=synthetic only
     num_classes: int = 10
     train_examples: int = 512
@@ -143,6 +152,36 @@ class DataConfig:
         _require(self.channels in (None, 1, 3), f"data.channels={self.channels} must be 1 or 3")
         _require(self.train_examples > 0 and self.val_examples > 0,
                  "data.train_examples and data.val_examples must be > 0")
+        _require(self.normalize in NORMALIZATIONS,
+                 f"data.normalize={self.normalize} is unknown: use one of {NORMALIZATIONS}")
+        stats = (self.mean, self.std)
+        if self.normalize == "mean_std":
+            _require(all(v is not None and len(v) in (1, 3) for v in stats),
+                     "data.normalize=mean_std needs data.mean and data.std: one value each or "
+                     "one per channel, e.g. data.mean=[0.485,0.456,0.406]")
+            _require(len(self.mean) == len(self.std), "data.mean and data.std must have "
+                     f"the same length, got {len(self.mean)} and {len(self.std)}")
+            _require(all(s > 0 for s in self.std), f"data.std={self.std} must be > 0")
+        else:
+            _require(stats == (None, None), f"data.mean/data.std are used by "
+                     f"data.normalize=mean_std only (data.normalize={self.normalize})")
+
+    def pixel_affine(self) -> tuple[list[float], list[float]]:
+        """(scale, offset), one value or one per channel: the model input is pixel·scale +
+        offset, with pixels in [0, 1]."""
+        if self.normalize == "symmetric":  # (pixel - 128) / 128 on 0..255 pixels
+            return [255.0 / 128.0], [-1.0]
+        if self.normalize == "mean_std":
+            return [1.0 / s for s in self.std], [-m / s for m, s in zip(self.mean, self.std,
+                                                                         strict=True)]
+        return [1.0], [0.0]
+
+    def normalized_range(self, low: float, high: float) -> list[float]:
+        """[low, high] in pixel units as the model input sees it: one range over all channels
+        (the file's input has one scale)."""
+        scale, offset = self.pixel_affine()
+        ends = [v * s + o for s, o in zip(scale, offset, strict=True) for v in (low, high)]
+        return [min(ends), max(ends)]
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -363,6 +402,14 @@ class QATConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def model_quant(self) -> QuantConfig:
+        """`quant` with `input_range` in the model's input units: quant.input_range is given in
+        pixels ([0, 1]) and goes through data.normalize as the images do."""
+        if self.quant.input_range is None:
+            return self.quant
+        return dataclasses.replace(
+            self.quant, input_range=self.data.normalized_range(*self.quant.input_range))
 
 
 def register_configs() -> None:

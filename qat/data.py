@@ -53,6 +53,8 @@ class Data:
     decode: Callable | None = None
     class_names: tuple[str, ...] | None = None
     shuffle_buffer: int | None = None  # items shuffled per epoch; None: all (file names)
+    # data.normalize as (scale, offset): the model sees pixel·scale + offset; None: [0, 1]
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def train_buffer(self) -> int:
@@ -70,22 +72,30 @@ class Data:
 
     def describe(self) -> dict:
         """What a run records about its data (`<phase>/data.json`)."""
+        scale, offset = self.normalization or ((1.0,), (0.0,))
         return {"input_shape": list(self.input_shape), "num_classes": self.num_classes,
                 "class_names": list(self.class_names) if self.class_names else None,
-                "train_examples": self.train_examples, "val_examples": self.val_examples}
+                "train_examples": self.train_examples, "val_examples": self.val_examples,
+                "model_input": {"pixel_scale": list(scale), "pixel_offset": list(offset),
+                                "note": "model input = pixel/255 * pixel_scale + pixel_offset"}}
 
     def val_batches(self, batch_size: int, max_examples: int | None = None
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The validation stream as numpy batches, in order, at most `max_examples` images."""
         ds = self.val if max_examples is None else self.val.take(max_examples)
-        yield from batches(ds, batch_size, decode=self.decode).as_numpy_iterator()
+        yield from batches(ds, batch_size, decode=self.decode,
+                           normalization=self.normalization).as_numpy_iterator()
 
     def sample_train(self, count: int, seed: int) -> np.ndarray:
         """`count` training images drawn at random (PTQ calibration), without augmentation."""
         ds = self.train.shuffle(self.train_buffer, seed=seed)
         if self.decode is not None:
             ds = ds.map(self.decode).ignore_errors()
-        return np.concatenate([x[None] for x, _ in ds.take(count).as_numpy_iterator()])
+        x = np.concatenate([x[None] for x, _ in ds.take(count).as_numpy_iterator()])
+        if self.normalization is None:
+            return x
+        scale, offset = self.normalization
+        return (x * np.float32(scale) + np.float32(offset)).astype(np.float32)
 
 
 def load_arrays(cfg: DataConfig) -> Arrays:
@@ -104,20 +114,35 @@ def load_data(cfg: DataConfig) -> Data:
     if cfg.name == "folder":
         from qat.folder import load_folder
 
-        return load_folder(cfg)
-    if cfg.name == "tfds":
+        data = load_folder(cfg)
+    elif cfg.name == "tfds":
         from qat.tfds_data import load_tfds
 
-        return load_tfds(cfg)
-    return Data.from_arrays(load_arrays(cfg))
+        data = load_tfds(cfg)
+    else:
+        data = Data.from_arrays(load_arrays(cfg))
+    return replace(data, normalization=_normalization(cfg, data.input_shape[-1]))
+
+
+def _normalization(cfg: DataConfig, channels: int):
+    """data.normalize as (scale, offset) tuples, checked against the images' channels."""
+    if cfg.normalize == "unit":
+        return None
+    scale, offset = cfg.pixel_affine()
+    if len(scale) not in (1, channels):
+        raise DataError(f"data.mean/data.std have {len(scale)} values but the images have "
+                        f"{channels} channels: give one value or {channels}")
+    return tuple(scale), tuple(offset)
 
 
 def batches(ds, batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
             decode: Callable | None = None, augment: AugmentConfig | None = None,
-            cache: bool = False, buffer: int = SHUFFLE_BUFFER):
+            cache: bool = False, buffer: int = SHUFFLE_BUFFER,
+            normalization: tuple | None = None):
     """The pipeline: shuffle (reshuffled each epoch; file names, before decoding) → decode
-    (→ cache) → augment → batch → prefetch. Training batches are full (drop_remainder);
-    evaluation keeps the last one."""
+    (→ cache) → augment → normalize → batch → prefetch. Training batches are full
+    (drop_remainder); evaluation keeps the last one. Augmentation works on [0, 1] pixels;
+    `normalization` (`Data.normalization`) maps them to the model's input after it."""
     import tensorflow as tf
 
     auto = tf.data.AUTOTUNE
@@ -136,6 +161,10 @@ def batches(ds, batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat
         from qat.augment import augmenter
 
         ds = ds.map(augmenter(augment, seed), num_parallel_calls=auto, deterministic=True)
+    if normalization is not None:
+        scale, offset = (tf.constant(v, tf.float32) for v in normalization)
+        ds = ds.map(lambda x, y: (x * scale + offset, y), num_parallel_calls=auto,
+                    deterministic=True)
     return ds.batch(batch_size, drop_remainder=shuffle).prefetch(auto)
 
 
@@ -234,9 +263,10 @@ def _images(x: np.ndarray, key: str, path: str) -> np.ndarray:
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise DataError(f"{path}: {key} contains NaN or Inf: clean the images first")
-    if x.min() < 0.0:  # standardized or [-1, 1]: qat's input range is [0, 1] (quant.input_range)
+    if x.min() < 0.0:  # already normalized: qat normalizes after augmenting (data.normalize)
         raise DataError(f"{path}: {key} has negative pixel values (min {x.min():.3g}): store "
-                        "uint8 pixels or floats in [0, 1]; put normalization in the model")
+                        "uint8 pixels or floats in [0, 1], and set data.normalize "
+                        "(symmetric, mean_std) for the model's input")
     return x / 255.0 if x.max() > 1.0 else x
 
 

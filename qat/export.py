@@ -280,7 +280,7 @@ def export_run(settings: QATConfig, data: Data | None = None) -> dict:
         settings.export.ptq) else None
     report = export_quant_model(qmodel, float_model, batches, None,
                                 os.path.join(settings.run.dir, "export"),
-                                settings.quant, settings.export, extra=ptq)
+                                settings.model_quant(), settings.export, extra=ptq)
     _log_report(report, tb_dir(settings, "quant"))
     return report
 

@@ -101,7 +101,7 @@ def restore_model(model: tf_keras.Model, directory: str, what: str) -> str:
 
 def build_quant_model(settings: QATConfig, float_model: tf_keras.Model) -> tf_keras.Model:
     """tfmot-wrapped copy of `float_model` with qat's BN switched into quantized mode."""
-    return quantize_model(float_model, settings.quant)
+    return quantize_model(float_model, settings.model_quant())
 
 
 # -- training -------------------------------------------------------------------------------
@@ -161,8 +161,9 @@ def _fit(model: tf_keras.Model, data: Data, settings: QATConfig, phase: str, *, 
     train = batches(data.train, trainer.batch_size, shuffle=True, seed=trainer.seed,
                     repeat=trainer.steps_per_epoch is not None, decode=data.decode,
                     augment=settings.data.augment, cache=settings.data.cache,
-                    buffer=data.train_buffer)
-    val = batches(data.val, trainer.batch_size, decode=data.decode, cache=settings.data.cache)
+                    buffer=data.train_buffer, normalization=data.normalization)
+    val = batches(data.val, trainer.batch_size, decode=data.decode, cache=settings.data.cache,
+                  normalization=data.normalization)
     timer = qcb.StepTimer(write_dir(os.path.join(tb, "train")), trainer.batch_size)
     guard = qcb.StopOnNonFinite()
     callbacks = [
@@ -242,10 +243,10 @@ def run_quant(settings: QATConfig, data: Data | None = None) -> PhaseResult:
         def training_images():  # shuffled, not augmented
             return batches(data.train, settings.trainer.batch_size, shuffle=True,
                            seed=settings.trainer.seed + 1, repeat=True, decode=data.decode,
-                           buffer=data.train_buffer)
+                           buffer=data.train_buffer, normalization=data.normalization)
 
         extra.append(ReestimateBatchNorm(training_images, settings.quant.bn_reestimate_batches))
-    plan = {"layers": quantization_plan(float_model, settings.quant)}
+    plan = {"layers": quantization_plan(float_model, settings.model_quant())}
     metrics = _fit(qmodel, data, settings, "quant", epochs=settings.quant.epochs,
                    extra_callbacks=extra, files={PLAN_FILE: plan})
     return PhaseResult(metrics, qmodel)

@@ -48,6 +48,31 @@ def test_range_checks(override, key):
         to_settings(_compose(override))
 
 
+@pytest.mark.parametrize("overrides, model_range", [
+    ([], [0.0, 1.0]),
+    (["data.normalize=symmetric"], [-1.0, 127 / 128]),
+    (["data.normalize=mean_std", "data.mean=[0.5]", "data.std=[0.25]"], [-2.0, 2.0]),
+    (["data.normalize=mean_std", "data.mean=[0.4,0.5,0.6]", "data.std=[0.2,0.25,0.5]"],
+     [-2.0, 3.0]),  # channel 0 reaches -2 and 3
+])
+def test_the_input_range_goes_through_the_normalization(overrides, model_range):
+    settings = to_settings(_compose(*overrides))
+    assert settings.quant.input_range == [0.0, 1.0]  # configured in pixels
+    assert settings.model_quant().input_range == pytest.approx(model_range)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data.normalize=banana"], "data.normalize"),
+    (["data.normalize=mean_std"], "data.normalize"),
+    (["data.mean=[0.5]", "data.std=[0.5]"], "data.mean"),
+    (["data.normalize=mean_std", "data.mean=[0.5]", "data.std=[0.5,0.5]"], "data.mean"),
+    (["data.normalize=mean_std", "data.mean=[0.5]", "data.std=[0.0]"], "data.std"),
+])
+def test_normalization_errors(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_settings(_compose(*overrides))
+
+
 @pytest.mark.parametrize("override, needle", [
     ("trainer.epoch=3", "trainer.epoch"),
     ("trainer.epochs=two", "trainer.epochs"),

@@ -168,6 +168,34 @@ def test_augmentation_only_in_training_and_keeps_the_shape(tmp_path):
     np.testing.assert_array_equal(val, arrays.x_val)
 
 
+def test_normalization_after_augmentation_in_every_stream():
+    """data.normalize maps [0, 1] pixels to the model's input after augmentation (which works on
+    pixels), for training batches, evaluation batches and PTQ calibration samples alike."""
+    from qat.config import AugmentConfig
+    from qat.data import load_data
+
+    pixels = load_arrays(DataConfig(image_size=12))
+    data = load_data(DataConfig(image_size=12, normalize="symmetric"))
+    val = np.concatenate([v for v, _ in data.val_batches(128)])
+    np.testing.assert_allclose(val, pixels.x_val * 255 / 128 - 1, atol=1e-6)  # (p - 128)/128
+    brighter = AugmentConfig(brightness=0.5)  # clips at the pixels' [0, 1], before normalizing
+    x, _ = next(iter(batches(data.train, 256, shuffle=True, augment=brighter,
+                             normalization=data.normalization)))
+    assert -1.0 - 1e-6 <= float(np.min(x)) < -0.99 and float(np.max(x)) <= 127 / 128 + 1e-6
+    assert float(np.min(data.sample_train(16, seed=0))) < -0.99
+
+    cfg = {"image_size": 12, "channels": 3}
+    mean, std = np.array([0.1, 0.2, 0.3]), np.array([0.5, 0.25, 2.0])
+    rgb = load_data(DataConfig(**cfg, normalize="mean_std", mean=list(mean), std=list(std)))
+    got = np.concatenate([v for v, _ in rgb.val_batches(128)])
+    want = (load_arrays(DataConfig(**cfg)).x_val - mean) / std
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert rgb.describe()["model_input"]["pixel_scale"] == pytest.approx(list(1 / std))
+    with pytest.raises(DataError, match="3 values but the images have 1 channels"):
+        load_data(DataConfig(image_size=12, normalize="mean_std", mean=[0.1, 0.2, 0.3],
+                             std=[1.0, 1.0, 1.0]))
+
+
 # -- data=tfds --------------------------------------------------------------------------------
 def test_tfds_dataset_prepared_offline_streams_with_its_splits(tmp_path):
     from qat.data import load_data

@@ -107,7 +107,8 @@ def test_quant_phase_fine_tunes_a_users_trained_keras_model(tmp_path, suffix):
 
 def test_folder_of_images_with_augmentation_and_a_cosine_schedule(tmp_path):
     """data=folder end to end: streamed PNGs, training-only augmentation, warmup + cosine,
-    the learning rate in TensorBoard, class names in the run dir, the int8 file evaluated."""
+    the learning rate in TensorBoard, class names in the run dir, the int8 file evaluated;
+    normalized to [-1, 1) in training, yet the file takes the raw pixels."""
     import tensorflow as tf
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -119,7 +120,8 @@ def test_folder_of_images_with_augmentation_and_a_cosine_schedule(tmp_path):
                    "data.augment.crop_padding=2", "trainer.epochs=6",
                    "trainer.schedule.name=cosine", "trainer.schedule.warmup_epochs=1",
                    "quant.epochs=1", f"run.dir={run}", "trainer.verbose=0",
-                   "export.max_examples=200", "export.input_dtype=uint8")
+                   "export.max_examples=200", "export.input_dtype=uint8",
+                   "data.normalize=symmetric")
     assert proc.returncode == 0, proc.stderr[-3000:]
     described = json.loads((run / "float" / "data.json").read_text())
     assert described["class_names"] == [f"digit_{d}" for d in range(10)]
@@ -136,8 +138,9 @@ def test_folder_of_images_with_augmentation_and_a_cosine_schedule(tmp_path):
                      for event in acc.Tensors("epoch_learning_rate")]
     assert len(rates) == 6 and rates[0] == max(rates) and rates[-1] < 0.1 * rates[0]
 
-    # The int8 file takes the raw pixels of the files (uint8, RGB), no scaling by the user:
-    # fed the first 200 validation files' bytes, it scores what report.json says.
+    # The int8 file takes the raw pixels of the files (uint8, RGB), no scaling by the user: the
+    # model's (p - 128)/128 is the uint8 input's own scale and zero point. Fed the first 200
+    # validation files' bytes, it scores what report.json says.
     from ai_edge_litert.interpreter import Interpreter
 
     from qat.config import DataConfig
@@ -150,7 +153,7 @@ def test_folder_of_images_with_augmentation_and_a_cosine_schedule(tmp_path):
     int8_file = str(run / "export" / "model_int8.tflite")
     runner = Interpreter(model_path=int8_file).get_signature_runner()
     ((name, detail),) = runner.get_input_details().items()
-    assert detail["dtype"] == np.uint8 and detail["quantization"] == (pytest.approx(1 / 255), 0)
+    assert detail["dtype"] == np.uint8 and detail["quantization"] == (pytest.approx(1 / 128), 128)
     ((logits),) = runner(**{name: pixels}).values()
     raw_accuracy = float(np.mean(np.argmax(logits, -1) == np.array([y for _, y in val])))
     assert raw_accuracy == report["tflite_int8_accuracy"]
