@@ -92,7 +92,15 @@ class Warmup(tf_keras.optimizers.schedules.LearningRateSchedule):
         return tf.where(step < self.warmup, self.rate * step / self.warmup, later)
 
     def get_config(self) -> dict:
-        return {"rate": self.rate, "warmup": self.warmup}
+        after = (tf_keras.optimizers.schedules.serialize(self.after)
+                 if self.after is not None else None)
+        return {"after": after, "rate": self.rate, "warmup": self.warmup}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Warmup:
+        after = config.get("after")
+        return cls(tf_keras.optimizers.schedules.deserialize(after) if after else None,
+                   config["rate"], config["warmup"])
 
 
 def make_optimizer(recipe: Recipe, schedule):

@@ -63,6 +63,20 @@ def test_schedules_over_a_phase():
         learning_rate_schedule(Recipe("quant", {}, 0.1, ScheduleConfig(warmup_epochs=0.99)), 1, 1)
 
 
+def test_a_schedule_survives_its_config():
+    """An optimizer's config (what a saved model stores) rebuilds the same rates: the decay after
+    the warmup included."""
+    from qat.recipe import Warmup
+
+    recipe = Recipe("trainer", {}, 0.1, ScheduleConfig("step", warmup_epochs=1,
+                                                       decay_epochs=[2, 4]))
+    schedule = learning_rate_schedule(recipe, 10, 5)
+    assert isinstance(schedule, Warmup)
+    rebuilt = Warmup.from_config(schedule.get_config())
+    steps = [0, 5, 10, 25, 45]
+    np.testing.assert_allclose(_rates(rebuilt, steps), _rates(schedule, steps), rtol=1e-6)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.optimizer._target_=tf_keras.optimizers.Nope"], "does not import"),
     (["trainer.optimizer._target_=no_such_package.Opt"], "does not import"),
