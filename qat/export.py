@@ -44,6 +44,7 @@ from qat.quantize import (
     depthwise_output_channels,
     folding_pairs,
     quantize_model,
+    store_low_bits_as_int8,
     usable_range,
 )
 from qat.tflite_check import check_full_int8
@@ -250,15 +251,15 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
 
 
 def check_exportable(quant: QuantConfig) -> None:
-    """Refuse, before training, settings whose QAT model the TFLite converter cannot write."""
-    low = [f"quant.layers.{pattern}" for pattern, o in quant.layers.items()
-           if o.activation_bits is not None and o.activation_bits < 8]
-    if quant.activation_bits < 8:
-        low.insert(0, "quant.activation_bits")
-    if low:
-        raise ConfigError(f"{low[0]} below 8 cannot be exported yet: the TFLite converter makes "
-                          "int4 activation tensors that its int8 kernels reject; keep "
-                          "activations at 8 bits (weights may go below)")
+    """Refuse, before training, settings whose QAT model no int8 file can hold: more than 8
+    bits (fewer are stored on an int8 grid, `store_low_bits_as_int8`)."""
+    wide = [f"quant.{kind}" for kind in ("weight_bits", "activation_bits")
+            if getattr(quant, kind) > 8]
+    wide += [f"quant.layers.{pattern}.{kind}" for pattern, o in quant.layers.items()
+             for kind in ("weight_bits", "activation_bits") if (getattr(o, kind) or 0) > 8]
+    if wide:
+        raise ConfigError(f"{wide[0]} above 8 cannot be exported to the full-int8 file: use at "
+                          "most 8 bits, or phase=float/quant without export")
 
 
 # -- the whole step -------------------------------------------------------------------------------
@@ -308,6 +309,7 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
 
     # The converted model holds plain min/max ranges: learned ones are copied into them.
     qfolded = quantize_model(folded, dataclasses.replace(quant, range="ema"))
+    store_low_bits_as_int8(qfolded)
     aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}
     _copy_activation_ranges(qmodel, qfolded, aliases)
     _set_kernel_ranges(qfolded)

@@ -109,6 +109,20 @@ def nudged_range(lo: tf.Tensor, hi: tf.Tensor, num_bits: int,
     return (qmin - zero) * scale, (qmax - zero) * scale
 
 
+def fake_quant_on_int8_grid(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
+                            num_bits: int) -> tf.Tensor:
+    """A `num_bits` (< 8) activation FakeQuant as an int8 file can hold it: an 8-bit FakeQuant
+    with the same step and zero point (its range runs on past `hi` to 256 levels), then a clamp
+    at the grid's top. The same values as the `num_bits` FakeQuant (tested). Given the
+    `num_bits` FakeQuant itself, the TFLite converter types the tensor int4, which its int8
+    kernels reject; this way the tensor is int8, takes 2^num_bits levels, and the clamp is a
+    MINIMUM op in the file (the bottom needs none: it is int8's own -128)."""
+    nlo, nhi = nudged_range(tf.convert_to_tensor(lo), tf.convert_to_tensor(hi), num_bits)
+    step = (nhi - nlo) / (2.0**num_bits - 1.0)
+    wide = tf.quantization.fake_quant_with_min_max_vars(x, nlo, nlo + 255.0 * step, num_bits=8)
+    return tf.minimum(wide, nhi)
+
+
 def fake_quant_activation(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int,
                           relu: bool = False) -> tf.Tensor:
     """TensorFlow's FakeQuantWithMinMaxVars with a leaner straight-through gradient.

@@ -35,7 +35,12 @@ from qat.config import LayerOverride, QuantConfig
 from qat.errors import ConfigError
 from qat.graph import consumers, producers
 from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
-from qat.quant_ops import fake_quant, fake_quant_activation, learned_fake_quant
+from qat.quant_ops import (
+    fake_quant,
+    fake_quant_activation,
+    fake_quant_on_int8_grid,
+    learned_fake_quant,
+)
 from qat.rules import (
     FUSES_RELU,
     LAYER_RULES,
@@ -108,6 +113,8 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
         # A known range (images in [0, 1]) is kept as is, never averaged: with 8 bits it makes
         # the int8 input exactly pixel - 128, and a uint8 input exactly the raw pixel.
         self.fixed_range = tuple(map(float, fixed_range)) if fixed_range else None
+        # Set on the model the export converts (`store_low_bits_as_int8`), never in training.
+        self.int8_storage = False
 
     def build(self, tensor_shape, name, layer):
         constant = tf_keras.initializers.Constant
@@ -140,6 +147,8 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
             return fake_quant_activation(inputs, lo, hi, self.num_bits, relu=self.relu)
         if self.learned:
             lo, hi = usable_range(lo, hi, self.relu)
+        if self.int8_storage and self.num_bits < 8:
+            return fake_quant_on_int8_grid(inputs, lo, hi, self.num_bits)
         return tf.quantization.fake_quant_with_min_max_vars(inputs, lo, hi,
                                                             num_bits=self.num_bits)
 
@@ -565,6 +574,21 @@ def plan_layers(model: tf_keras.Model, cfg: QuantConfig):
     skipped = frozenset(name for name, o in overrides.items() if o.skip)
     check_plan(model, configs, pairs, skipped)
     return pairs, configs, skipped
+
+
+def store_low_bits_as_int8(qmodel: tf_keras.Model) -> int:
+    """Switch every activation quantizer below 8 bits of `qmodel` (the model the export converts)
+    to its int8-storable form (`fake_quant_on_int8_grid`); returns how many. Before the model
+    is traced for conversion: the flag is read when the graph is built."""
+    quantizers = []
+    for layer in qmodel.layers:
+        quantizers += getattr(layer, "_output_quantizers", None) or []
+        if isinstance(layer, QuantizeLayer):
+            quantizers.append(layer.quantizer)
+    low = [q for q in quantizers if isinstance(q, ActivationQuantizer) and q.num_bits < 8]
+    for quantizer in low:
+        quantizer.int8_storage = True
+    return len(low)
 
 
 def quantization_plan(model: tf_keras.Model, cfg: QuantConfig) -> list[dict]:

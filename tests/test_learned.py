@@ -180,3 +180,54 @@ def test_ends_stay_at_8_bits_below_8_bits():
     assert layer_overrides(model, QuantConfig()) == {}
     mine = QuantConfig(weight_bits=4, layers={kernels[0]: {"weight_bits": 6}})
     assert layer_overrides(model, mine)[kernels[0]].weight_bits == 6  # the user's wins
+
+
+@pytest.mark.slow
+def test_four_bit_activations_are_int8_tensors_on_a_16_level_grid(digits, tmp_path):
+    """w4a4: every 4-bit activation is an int8 tensor of the file taking at most 16 levels at
+    its bottom (a MINIMUM op clamps the top), with the QAT range's 4-bit step as its scale, and
+    the file computes the QAT model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from qat.api import export_model
+    from qat.quant_ops import nudged_range
+    from qat.quantize import ActivationQuantizer, usable_range
+
+    model, qmodel, cfg = _trained(digits, "params", 4, activation_bits=4)
+    steps = []  # the 4-bit step of every 4-bit activation range, as the QAT forward uses it
+    for layer in qmodel.layers:
+        for quantizer in getattr(layer, "_output_quantizers", None) or []:
+            if isinstance(quantizer, ActivationQuantizer) and quantizer.num_bits == 4:
+                ranges = layer._output_quantizer_vars
+                lo, hi = nudged_range(*usable_range(ranges["min_var"], ranges["max_var"],
+                                                    quantizer.relu), 4)
+                steps.append(float(hi - lo) / 15)
+    assert len(steps) >= 4
+
+    report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path), cfg)
+    assert report["int8_float_ops"] == [] and report["tflite_int8_accuracy"] > 0.9
+    # Measured: agreement 0.98, logit error 0.14 (w4a8: 0.008). The gap is the file's int32
+    # bias, rounded to the accumulator grid s_in·s_w: with 4-bit inputs and 4-bit weights that
+    # grid is ~3 % of an output step, a rounding QAT does not model yet (README, issue #13).
+    assert report["int8_agreement"] >= 0.97 and report["int8_logit_error"] < 0.25
+
+    interpreter = Interpreter(model_path=str(tmp_path / "model_int8.tflite"),
+                              experimental_preserve_all_tensors=True)
+    (detail,) = interpreter.get_input_details()
+    x = digits.x_val[:64]
+    interpreter.resize_tensor_input(detail["index"], x.shape)
+    interpreter.allocate_tensors()
+    scale, zero = detail["quantization"]
+    interpreter.set_tensor(detail["index"],
+                           np.clip(np.round(x / scale) + zero, -128, 127).astype(np.int8))
+    interpreter.invoke()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    clamps = [op for op in interpreter._get_ops_details() if op["op_name"] == "MINIMUM"]
+    assert len(clamps) == len(steps)
+    for op in clamps:
+        out = tensors[op["outputs"][0]]
+        values = np.unique(interpreter.get_tensor(out["index"]))
+        assert out["dtype"] == np.int8 and len(values) > 2
+        assert values.min() >= -128 and values.max() <= -128 + 15, values
+        file_step = out["quantization_parameters"]["scales"][0]
+        assert min(abs(file_step - s) / s for s in steps) < 1e-4

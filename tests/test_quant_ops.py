@@ -79,3 +79,17 @@ def test_relu_fake_quant_is_relu_then_fake_quant_forward_and_backward():
     np.testing.assert_array_equal(ours_y, tf_y)
     np.testing.assert_array_equal(ours_g, tf_g)
     assert ours_y.min() == 0.0 and 0 < np.count_nonzero(ours_g) < ours_g.size
+
+
+@pytest.mark.parametrize("lo, hi, bits", [(0.0, 4.47, 4), (-1.3, 2.1, 4), (-0.7, 0.2, 3),
+                                          (0.0, 1.0, 2), (-2.0, 5.0, 6)])
+def test_low_bit_fake_quant_on_an_int8_grid_is_the_low_bit_fake_quant(lo, hi, bits):
+    """What the export converts for a 4-bit activation (an 8-bit FakeQuant with the 4-bit step,
+    clamped at the 4-bit top) computes exactly the 4-bit FakeQuant QAT trained with."""
+    from qat.quant_ops import fake_quant_on_int8_grid
+
+    x = tf.constant(np.random.default_rng(bits).uniform(lo - 1, hi + 1, 20000).astype(np.float32))
+    want = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=bits).numpy()
+    got = fake_quant_on_int8_grid(x, lo, hi, bits).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) == 2**bits
