@@ -29,14 +29,6 @@ from qat.errors import ConfigError, ExportError, QatError, report_error
 from qat.files import write_atomic, write_json
 from qat.fold import check_parity, dequantized_float_model, fold_batchnorms
 from qat.lock import run_lock
-from qat.phases import (
-    build_float_model,
-    build_quant_model,
-    phase_dir,
-    restore_float_weights,
-    restore_model,
-    tb_dir,
-)
 from qat.quantize import (
     RANGE_FLOOR,
     DepthwiseKernelQuantizer,
@@ -46,6 +38,14 @@ from qat.quantize import (
     quantize_model,
     store_low_bits_as_int8,
     usable_range,
+)
+from qat.runs import (
+    build_float_model,
+    build_quant_model,
+    phase_dir,
+    restore_float_weights,
+    restore_model,
+    tb_dir,
 )
 from qat.tflite_check import check_full_int8
 

@@ -10,8 +10,8 @@ from qat.config import ModelConfig, QuantConfig
 from qat.fold import dequantized_float_model, fold_batchnorms
 from qat.layers import QuantBatchNorm, batchnorm_layers
 from qat.models import build_model
-from qat.phases import restore_model
 from qat.quantize import quantize_model
+from qat.runs import restore_model
 
 Wrapper = tfmot.quantization.keras.QuantizeWrapperV2
 
