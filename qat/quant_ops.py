@@ -159,7 +159,7 @@ def fake_quant_activation(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: 
 
 def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int, *,
                        narrow_range: bool = False, per_channel: bool = False,
-                       fixed_low: bool = False) -> tf.Tensor:
+                       fixed_low: bool = False, replicas: int = 1) -> tf.Tensor:
     """FakeQuant on a *trained* range [lo, hi], with LSQ's gradients (Esser et al. 2020; LSQ+
     for the offset, Bhalgat et al. 2020).
 
@@ -173,7 +173,9 @@ def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int
     hi the offset's plus n times the step's, so a plain optimizer step on (lo, hi) moves the
     range as LSQ+ moves (offset, step). `fixed_low`: lo is not trained (a ReLU's 0), hi gets the
     step's only. Symmetric ranges (lo = -t, hi = t) get d/dt = n × the step's gradient.
-    `per_channel`: `lo`, `hi` hold one value per last-axis channel (weights).
+    `per_channel`: `lo`, `hi` hold one value per last-axis channel (weights). `replicas`: how
+    many replicas each hold a share of `x` (activations under tf.distribute): N counts the
+    global batch's values, so the summed gradient is the one-replica one.
     """
     levels = 2.0**num_bits - (2.0 if narrow_range else 1.0)
     axes = list(range(x.shape.rank - 1)) if per_channel else None
@@ -194,7 +196,8 @@ def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int
             below, above = u < 0.0, u > levels
             inside = tf.logical_not(tf.logical_or(below, above))
             d_u = tf.where(inside, tf.round(u) - u, tf.where(above, levels, 0.0))
-            count = tf.cast(tf.size(x), tf.float32) / tf.cast(tf.size(lo), tf.float32)
+            count = (tf.cast(tf.size(x), tf.float32) * replicas
+                     / tf.cast(tf.size(lo), tf.float32))
             positive = levels / 2.0 if narrow_range else levels  # symmetric: half the grid
             g = tf.math.rsqrt(count * positive)
             d_step = tf.reduce_sum(dy * d_u, axis=axes) * g

@@ -155,15 +155,28 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
     def _learned(self, inputs, weights):
         lo, hi, seen = weights["min_var"], weights["max_var"], weights["seen"]
 
-        def first_batch():  # the range starts where the EMA would: this batch's extent
+        def extent():  # the range starts where the EMA would: the first batch's extent
             batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
-            return tf.group(lo.assign(batch_lo),
-                            hi.assign(tf.maximum(tf.reduce_max(inputs), 0.0)), seen.assign(1.0))
+            return batch_lo, tf.maximum(tf.reduce_max(inputs), 0.0)
 
-        init = tf.cond(tf.equal(seen, 0.0), first_batch, tf.no_op)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            def first_batch():
+                batch_lo, batch_hi = extent()
+                return tf.group(lo.assign(batch_lo), hi.assign(batch_hi), seen.assign(1.0))
+
+            init = tf.cond(tf.equal(seen, 0.0), first_batch, tf.no_op)
+        else:  # replicas cannot synchronize (gather, or assign a mirrored variable) in a tf.cond:
+            # the global extent every step, kept only on the first
+            batch_lo, batch_hi = global_extent(*extent())
+            first = tf.equal(seen, 0.0)
+            init = tf.group(lo.assign(tf.where(first, batch_lo, lo)),
+                            hi.assign(tf.where(first, batch_hi, hi)), seen.assign(1.0))
         with tf.control_dependencies([init]):
             low, high = usable_range(tf.identity(lo), tf.identity(hi), self.relu)
-        return learned_fake_quant(inputs, low, high, self.num_bits, fixed_low=self.relu)
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        return learned_fake_quant(inputs, low, high, self.num_bits, fixed_low=self.relu,
+                                  replicas=replicas)
 
     def get_config(self) -> dict:
         return {"num_bits": self.num_bits, "ema_decay": self.ema_decay, "relu": self.relu,

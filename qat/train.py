@@ -67,14 +67,10 @@ def _check_runnable(settings: QATConfig) -> None:
             check_optimizer(phase_recipe(settings, step))
     if "export" in settings.phase.steps:
         check_exportable(settings.quant)
-    if settings.trainer.strategy != "default" and "quant" in settings.phase.steps:
-        if settings.quant.bn_reestimate_batches:
-            raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "
-                              "trainer.strategy=default, or re-estimate in a separate quant run")
-        if settings.quant.range == "learned":  # its first-batch init is a conditional assign
-            raise ConfigError("quant.range=learned is not supported under "
-                              f"trainer.strategy={settings.trainer.strategy} yet: use "
-                              "trainer.strategy=default or quant.range=ema")
+    distributed = settings.trainer.strategy != "default" and "quant" in settings.phase.steps
+    if distributed and settings.quant.bn_reestimate_batches:
+        raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "
+                          "trainer.strategy=default, or re-estimate in a separate quant run")
 
 
 def objective(results: dict) -> float:

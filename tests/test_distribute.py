@@ -100,6 +100,15 @@ def test_synchronized_bn_makes_training_independent_of_the_replica_count(tmp_pat
     # Only the chief wrote: one set of event files per TensorBoard directory.
     assert len(list((multi / "tb" / "float" / "train").glob("events.out.tfevents*"))) <= 2
 
+    # Learned ranges as well: LSQ's gradient scale counts the global batch, and the range starts
+    # at the global batch's extent.
+    learned = ("phase=quant", SYNC, init, "quant.range=learned")
+    _train(f"run.dir={tmp_path / 'learned_one'}", *learned)
+    _train(f"run.dir={tmp_path / 'learned_mirrored'}", *learned, *MIRRORED)
+    worst, keys = _largest_difference(tmp_path / "learned_one" / "quant",
+                                      tmp_path / "learned_mirrored" / "quant")
+    assert worst <= 1e-5 and any(k.split("/")[-3] == "kernel_ratio" for k in keys), worst
+
     # Without sync_bn each replica normalizes its own half batch: the result moves (the check
     # above can fail).
     per_replica = tmp_path / "per_replica"
