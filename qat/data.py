@@ -92,10 +92,7 @@ class Data:
         if self.decode is not None:
             ds = ds.map(self.decode).ignore_errors()
         x = np.concatenate([x[None] for x, _ in ds.take(count).as_numpy_iterator()])
-        if self.normalization is None:
-            return x
-        scale, offset = self.normalization
-        return (x * np.float32(scale) + np.float32(offset)).astype(np.float32)
+        return normalized(x, self.normalization)
 
 
 def load_arrays(cfg: DataConfig) -> Arrays:
@@ -135,6 +132,15 @@ def _normalization(cfg: DataConfig, channels: int):
     return tuple(scale), tuple(offset)
 
 
+def normalized(x, normalization: tuple | None):
+    """Images (NumPy or TensorFlow, [0, 1] pixels) as the model takes them: pixel·scale +
+    offset per channel (`Data.normalization`; None: unchanged)."""
+    if normalization is None:
+        return x
+    scale, offset = (np.asarray(v, np.float32) for v in normalization)
+    return x * scale + offset
+
+
 def batches(ds, batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
             decode: Callable | None = None, augment: AugmentConfig | None = None,
             cache: bool = False, buffer: int = SHUFFLE_BUFFER,
@@ -162,8 +168,7 @@ def batches(ds, batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat
 
         ds = ds.map(augmenter(augment, seed), num_parallel_calls=auto, deterministic=True)
     if normalization is not None:
-        scale, offset = (tf.constant(v, tf.float32) for v in normalization)
-        ds = ds.map(lambda x, y: (x * scale + offset, y), num_parallel_calls=auto,
+        ds = ds.map(lambda x, y: (normalized(x, normalization), y), num_parallel_calls=auto,
                     deterministic=True)
     return ds.batch(batch_size, drop_remainder=shuffle).prefetch(auto)
 

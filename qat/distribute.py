@@ -51,6 +51,13 @@ def make_strategy(name: str, cpu_replicas: int = 1) -> tf.distribute.Strategy:
     raise ConfigError(f"trainer.strategy={name} is unknown: use default, mirrored or multiworker")
 
 
+def replicas_in_sync() -> int:
+    """How many replicas share the batch the calling code sees (1 outside any strategy or in
+    cross-replica context): above 1, batch statistics need a collective to be global."""
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if context is not None else 1
+
+
 def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
     """True on the one process that writes files: the chief, or worker 0 of a chief-less cluster."""
     strategy = strategy or tf.distribute.get_strategy()

@@ -13,6 +13,7 @@ import tensorflow as tf
 import tf_keras
 
 from qat.config import BN_FORMATS, BN_TARGETS, BN_VARIANCE_TARGETS
+from qat.distribute import replicas_in_sync
 from qat.quant_ops import fake_quant_vectors
 
 
@@ -183,9 +184,8 @@ class QuantBatchNorm(tf_keras.layers.Layer):
         y = normalize_with_statistics(x, gamma, beta, mean, variance, self.epsilon)
         if not rank2:
             batch_variance = batch_variance * count / tf.maximum(count - 1.0, 1.0)
-        decay = tf.where(use_batch, 1.0 - self.momentum, 0.0)
-        return (y, self.moving_mean - (self.moving_mean - batch_mean) * decay,
-                self.moving_variance - (self.moving_variance - batch_variance) * decay)
+        return (y, *self._averaged(batch_mean, batch_variance,
+                                   tf.where(use_batch, 1.0 - self.momentum, 0.0)))
 
     def _rank2_batch_norm(self, x, gamma, beta):
         """N×C training step with Keras' N×C statistics: the moving variance averages the biased
@@ -195,9 +195,13 @@ class QuantBatchNorm(tf_keras.layers.Layer):
             epsilon=self.epsilon, is_training=True, exponential_avg_factor=1.0)
         n = tf.cast(tf.shape(x)[0], x.dtype)
         biased = unbiased * (n - 1.0) / tf.maximum(n, 1.0)
-        decay = 1.0 - self.momentum  # Keras: moving -= (moving - batch) * (1 - momentum)
-        return (y, self.moving_mean - (self.moving_mean - mean) * decay,
-                self.moving_variance - (self.moving_variance - biased) * decay)
+        return (y, *self._averaged(mean, biased, 1.0 - self.momentum))
+
+    def _averaged(self, mean, variance, decay):
+        """The moving statistics after one batch, as Keras updates them:
+        moving -= (moving - batch) * decay, with decay = 1 - momentum (0: left as they are)."""
+        return (self.moving_mean - (self.moving_mean - mean) * decay,
+                self.moving_variance - (self.moving_variance - variance) * decay)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -232,9 +236,9 @@ def global_moments(x, shift, use_batch):
 
     sums = tf.cond(use_batch, local_sums, lambda: tf.zeros((2, channels), tf.float64))
     count = tf.cast(tf.size(x) // channels, tf.float64)
-    context = tf.distribute.get_replica_context()
-    if context is not None and context.num_replicas_in_sync > 1:
-        sums, count = context.all_reduce(tf.distribute.ReduceOp.SUM, [sums, count])
+    if replicas_in_sync() > 1:
+        sums, count = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, [sums, count])
     count = tf.maximum(count, 1.0)
     mean = sums[0] / count
     variance = tf.maximum(sums[1] / count - tf.square(mean), 0.0)

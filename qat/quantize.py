@@ -32,6 +32,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 )
 
 from qat.config import LayerOverride, QuantConfig
+from qat.distribute import replicas_in_sync
 from qat.errors import ConfigError
 from qat.graph import consumers, producers
 from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
@@ -82,11 +83,11 @@ def usable_range(lo, hi, relu: bool = False):
 def global_extent(low, high):
     """(min, max) of a batch split across replicas: the global batch's, as on one replica.
     ReduceOp has no MIN/MAX, so the replicas' pairs are gathered (2 floats each) and reduced."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
+    if replicas_in_sync() == 1:
         return low, high
-    pairs = context.all_gather(tf.stack([-tf.convert_to_tensor(low, tf.float32),
-                                         tf.convert_to_tensor(high, tf.float32)])[None], axis=0)
+    pair = tf.stack([-tf.convert_to_tensor(low, tf.float32),
+                     tf.convert_to_tensor(high, tf.float32)])
+    pairs = tf.distribute.get_replica_context().all_gather(pair[None], axis=0)
     extent = tf.reduce_max(pairs, axis=0)
     return -extent[0], extent[1]
 
@@ -137,8 +138,7 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
         if training and self.learned:
             return self._learned(inputs, weights)
         if training and self.fixed_range is None:
-            batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
-            batch_lo, batch_hi = global_extent(batch_lo, tf.maximum(tf.reduce_max(inputs), 0.0))
+            batch_lo, batch_hi = self._batch_extent(inputs)
             keep = self.ema_decay * weights["seen"]  # 0 on the first batch: take it as is
             lo = lo.assign(keep * lo + (1.0 - keep) * batch_lo)
             hi = hi.assign(keep * hi + (1.0 - keep) * batch_hi)
@@ -152,29 +152,29 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
         return tf.quantization.fake_quant_with_min_max_vars(inputs, lo, hi,
                                                             num_bits=self.num_bits)
 
+    def _batch_extent(self, inputs):
+        """[min(batch, 0), max(batch, 0)] of the global batch (the low end 0 for a ReLU)."""
+        batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
+        return global_extent(batch_lo, tf.maximum(tf.reduce_max(inputs), 0.0))
+
     def _learned(self, inputs, weights):
+        """The range starts where the EMA would, at the first batch's extent, then trains."""
         lo, hi, seen = weights["min_var"], weights["max_var"], weights["seen"]
-
-        def extent():  # the range starts where the EMA would: the first batch's extent
-            batch_lo = 0.0 if self.relu else tf.minimum(tf.reduce_min(inputs), 0.0)
-            return batch_lo, tf.maximum(tf.reduce_max(inputs), 0.0)
-
-        context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1:
+        replicas = replicas_in_sync()
+        if replicas == 1:
             def first_batch():
-                batch_lo, batch_hi = extent()
+                batch_lo, batch_hi = self._batch_extent(inputs)
                 return tf.group(lo.assign(batch_lo), hi.assign(batch_hi), seen.assign(1.0))
 
             init = tf.cond(tf.equal(seen, 0.0), first_batch, tf.no_op)
         else:  # replicas cannot synchronize (gather, or assign a mirrored variable) in a tf.cond:
             # the global extent every step, kept only on the first
-            batch_lo, batch_hi = global_extent(*extent())
+            batch_lo, batch_hi = self._batch_extent(inputs)
             first = tf.equal(seen, 0.0)
             init = tf.group(lo.assign(tf.where(first, batch_lo, lo)),
                             hi.assign(tf.where(first, batch_hi, hi)), seen.assign(1.0))
         with tf.control_dependencies([init]):
             low, high = usable_range(tf.identity(lo), tf.identity(hi), self.relu)
-        replicas = context.num_replicas_in_sync if context is not None else 1
         return learned_fake_quant(inputs, low, high, self.num_bits, fixed_low=self.relu,
                                   replicas=replicas)
 

@@ -70,6 +70,3 @@ def restore_model(model: tf_keras.Model, directory: str, what: str) -> str:
 def build_quant_model(settings: QATConfig, float_model: tf_keras.Model) -> tf_keras.Model:
     """tfmot-wrapped copy of `float_model` with qat's BN switched into quantized mode."""
     return quantize_model(float_model, settings.model_quant())
-
-
-# -- training -------------------------------------------------------------------------------
