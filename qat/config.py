@@ -372,6 +372,9 @@ class QuantConfig:
 
 @dataclass
 class ExportConfig:
+    # false: phase=quant/all end with the quant checkpoint (sweeps that only compare QAT
+    # accuracy); `python -m qat.export run.dir=...` exports it later.
+    enabled: bool = True
     int8_io: bool = True  # int8 input/output tensors; false keeps float I/O around int8 compute
     # int8_io: the input tensor's type. uint8 with quant.input_range=[0, 1] takes raw pixels.
     input_dtype: str = "int8"
@@ -402,6 +405,11 @@ class QATConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """What this run does, in order: the phase's steps, less the export if disabled."""
+        return tuple(step for step in self.phase.steps if step != "export" or self.export.enabled)
 
     def model_quant(self) -> QuantConfig:
         """`quant` with `input_range` in the model's input units: quant.input_range is given in

@@ -69,6 +69,18 @@ def _arithmetic(layer, op: str):
     return call
 
 
+SWISH = ("swish", "silu")
+
+
+def _swish(name: str):
+    """swish(x) = x·sigmoid(x) as the two layers TFLite computes it with (LOGISTIC, MUL): the
+    sigmoid's output lies on LOGISTIC's fixed int8 grid in the file, so the QAT model must
+    round it there too (`qat.rules.UNIT_GRID`), which one swish layer cannot."""
+    sigmoid = tf_keras.layers.Activation("sigmoid", name=f"{name}_sigmoid")
+    multiply = tf_keras.layers.Multiply(name=name)
+    return lambda x, **kwargs: multiply([x, sigmoid(x)])
+
+
 def _split_activation(layer):
     """A conv/dense with a built-in activation TFLite does not fuse (swish, sigmoid...) as the
     linear layer + an Activation layer, so the tensor between them gets a range."""
@@ -76,7 +88,9 @@ def _split_activation(layer):
     activation = config["activation"]
     config["activation"] = "linear"
     linear = layer.__class__.from_config(config)
-    act = tf_keras.layers.Activation(activation, name=f"{layer.name}_{activation}")
+    name = f"{layer.name}_{activation}"
+    act = _swish(name) if activation in SWISH else tf_keras.layers.Activation(activation,
+                                                                               name=name)
     return lambda *args, **kwargs: act(linear(*args, **kwargs))
 
 
@@ -104,6 +118,10 @@ def _replacement(layer):
         if function in ("nn.relu", "nn.relu6"):
             relu = tf_keras.layers.ReLU(6.0 if function == "nn.relu6" else None, name=layer.name)
             return lambda x, **kwargs: relu(x)
+        if function in ("nn.silu", "nn.swish"):
+            return _swish(layer.name)
+    if kind == "Activation" and layer.get_config()["activation"] in SWISH:
+        return _swish(layer.name)
     if kind == "SeparableConv2D":
         return _split_separable(layer)
     if _is_nhwc_affine(layer):

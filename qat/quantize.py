@@ -304,13 +304,15 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
 
     `kernel`: None (no weights), "per_channel", "per_tensor", "depthwise", or "folded",
     "folded_depthwise", "folded_per_tensor" (`quant.bn=fold`, with `bn_name` the BN folded in).
+    `output_range`: the output grid TFLite fixes for the op (LOGISTIC, TANH...), kept as is.
     Built from plain values so it serializes through tfmot's clone-and-rebuild and through
     `.h5`/SavedModel saving without custom nested objects.
     """
 
     def __init__(self, kernel_attr: str | None = None, kernel: str | None = None,
                  weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99,
-                 relu: bool = False, bn_name: str | None = None, learned: bool = False):
+                 relu: bool = False, bn_name: str | None = None, learned: bool = False,
+                 output_range: tuple[float, float] | None = None):
         self.kernel_attr = kernel_attr
         self.kernel = kernel
         self.weight_bits = weight_bits
@@ -319,8 +321,10 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
         self.relu = relu
         self.bn_name = bn_name
         self.learned = learned  # quant.range=learned
+        self.output_range = tuple(output_range) if output_range else None
         self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits, bn_name, learned)
         self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay, relu,
+                                                     fixed_range=self.output_range,
                                                      learned=learned)
                                  if output_bits is not None else None)
 
@@ -346,7 +350,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
         return {"kernel_attr": self.kernel_attr, "kernel": self.kernel,
                 "weight_bits": self.weight_bits, "output_bits": self.output_bits,
                 "ema_decay": self.ema_decay, "relu": self.relu, "bn_name": self.bn_name,
-                "learned": self.learned}
+                "learned": self.learned, "output_range": self.output_range}
 
 
 def _kernel_quantizer(kind: str | None, bits: int, bn_name: str | None = None,
@@ -479,6 +483,8 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
               "ema_decay": cfg.activation_ema_decay, "learned": cfg.range == "learned"}
     if rule.output == RELU or type(layer).__name__ == "ReLU":
         common.update(output_bits=activation_bits, relu=output_starts_at_zero(layer))
+    if rule.fixed_range and common["output_bits"] == 8:  # below 8 bits the file requantizes
+        common["output_range"] = rule.fixed_range  # from the fixed grid to the trained one
     if rule.kernel is None:
         return LayerQuantizeConfig(**common)
     attr, kernel = rule.kernel
@@ -617,6 +623,9 @@ def quantization_plan(model: tf_keras.Model, cfg: QuantConfig) -> list[dict]:
         config, outbound = configs[layer.name], consumers(layer)
         if layer.name in skipped:
             output = "float (quant.layers skip)"
+        elif config.output_range is not None:
+            low, high = config.output_range
+            output = f"TFLite's fixed int8 grid (step 1/{round(255 / (high - low))} from {low:g})"
         elif config.output_bits is not None:
             output = f"int8 range ({config.output_bits} bits{', from 0' if config.relu else ''})"
         elif len(outbound) == 1 and fuses_into(layer, outbound[0], pairs):

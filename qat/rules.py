@@ -22,6 +22,16 @@ QUANTIZE, RELU, PASS = "quantize", "relu", "pass"
 class Rule:
     output: str  # QUANTIZE | RELU | PASS
     kernel: tuple[str, str] | None = None  # (attribute, quantizer kind)
+    # An int8 op whose output grid TFLite fixes (LOGISTIC: scale 1/256, zero point -128): the
+    # QAT model rounds onto that grid, as the file does; any other range makes the converter
+    # append a requantizing op, which rounds a second time.
+    fixed_range: tuple[float, float] | None = None
+
+
+# The int8 output grids TFLite's kernels fix (their Prepare checks), as [min, max] ranges of
+# an 8-bit FakeQuant: 256 levels from 0 in steps of 1/256, and from -1 in steps of 1/128.
+UNIT_GRID = (0.0, 255.0 / 256.0)  # LOGISTIC, SOFTMAX
+TANH_GRID = (-1.0, 127.0 / 128.0)  # TANH
 
 
 LAYER_RULES = {
@@ -34,7 +44,8 @@ LAYER_RULES = {
     "QuantBatchNorm": Rule(QUANTIZE),
     **{kind: Rule(QUANTIZE) for kind in (
         "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
-        "GlobalAveragePooling2D", "Rescaling", "Softmax", "ScalarArithmetic")},
+        "GlobalAveragePooling2D", "Rescaling", "ScalarArithmetic")},
+    "Softmax": Rule(QUANTIZE, fixed_range=UNIT_GRID),
     # AVERAGE_POOL_2D is a same-scale op in TFLite int8 (the converter refuses an output range
     # of its own), like max pooling, padding and reshapes.
     **{kind: Rule(PASS) for kind in (
@@ -43,21 +54,26 @@ LAYER_RULES = {
 }
 
 # Activation layers (and `tf.nn.*` calls) by function name. Each QUANTIZE one is an int8 op:
-# LOGISTIC, TANH, HARD_SWISH, SOFTMAX, GELU; swish/silu = LOGISTIC + MUL. (ELU has no int8
-# kernel the converter uses: no rule, so it is refused before training.)
+# LOGISTIC, TANH, HARD_SWISH, SOFTMAX, GELU. swish/silu is LOGISTIC + MUL in the file, and
+# `qat.convert` rewrites it as those two layers, so the sigmoid's fixed grid is modelled (a
+# swish left as one layer, e.g. built after conversion, still gets an output range). (ELU has
+# no int8 kernel the converter uses: no rule, so it is refused before training.)
 ACTIVATION_RULES = {
     "linear": Rule(PASS), "relu": Rule(RELU), "relu6": Rule(RELU),
+    "sigmoid": Rule(QUANTIZE, fixed_range=UNIT_GRID),
+    "softmax": Rule(QUANTIZE, fixed_range=UNIT_GRID),
+    "tanh": Rule(QUANTIZE, fixed_range=TANH_GRID),
     **{name: Rule(QUANTIZE) for name in (
-        "sigmoid", "swish", "silu", "hard_sigmoid", "hard_silu", "hard_swish", "tanh",
-        "softmax", "gelu")},
+        "swish", "silu", "hard_sigmoid", "hard_silu", "hard_swish", "gelu")},
 }
 
 # TFOpLambda layers (tf ops called on Keras tensors, as keras.applications do) by function.
 TF_OP_RULES = {
     **{name: Rule(QUANTIZE) for name in (
         "__operators__.add", "math.add", "__operators__.sub", "math.subtract",
-        "math.multiply", "__operators__.mul", "math.reduce_mean", "math.sigmoid", "nn.silu",
-        "nn.swish", "math.tanh")},
+        "math.multiply", "__operators__.mul", "math.reduce_mean", "nn.silu", "nn.swish")},
+    "math.sigmoid": Rule(QUANTIZE, fixed_range=UNIT_GRID),
+    "math.tanh": Rule(QUANTIZE, fixed_range=TANH_GRID),
     "nn.relu": Rule(RELU), "nn.relu6": Rule(RELU),
     **{name: Rule(PASS) for name in ("reshape", "__operators__.getitem", "compat.v1.squeeze",
                                      "expand_dims", "identity")},

@@ -44,7 +44,7 @@ def train(settings: QATConfig, threads: int = 0) -> dict:
     _check_runnable(settings)
     data = load_data(settings.data)
     results: dict = {}
-    for step in settings.phase.steps:
+    for step in settings.steps:
         if step == "export":  # one process, no collectives: outside the strategy
             if is_chief(strategy):
                 from qat.export import export_run
@@ -62,10 +62,10 @@ def _check_runnable(settings: QATConfig) -> None:
     from qat.export import check_exportable
     from qat.recipe import check_optimizer, phase_recipe
 
-    for step in settings.phase.steps:  # every phase's optimizer imports
+    for step in settings.steps:  # every phase's optimizer imports
         if step != "export":
             check_optimizer(phase_recipe(settings, step))
-    if "export" in settings.phase.steps:
+    if "export" in settings.steps:
         check_exportable(settings.quant)
     distributed = settings.trainer.strategy != "default" and "quant" in settings.phase.steps
     if distributed and settings.quant.bn_reestimate_batches:

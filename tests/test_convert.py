@@ -10,6 +10,7 @@ from qat.config import QuantConfig
 from qat.convert import convert_batchnorms
 from qat.errors import ConfigError
 from qat.fold import fold_batchnorms, parity
+from qat.graph import consumers
 from qat.layers import QuantBatchNorm, set_switches
 from qat.quantize import quantize_model
 
@@ -150,13 +151,15 @@ def test_duplicate_layer_names_across_nested_models_are_refused():
 
 def rewritten_layers():
     """Layers tfmot cannot wrap or TFLite splits: TFOpLambda arithmetic (tensor and scalar),
-    SeparableConv2D, a conv with swish built in, Normalization, a nested Sequential."""
+    SeparableConv2D, a conv with swish built in, swish as a layer and as tf.nn.silu,
+    Normalization, a nested Sequential."""
     inputs = tf_keras.Input((8, 8, 3))
     x = layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
     norm = layers.Normalization(mean=[0.5, 0.2, -0.1], variance=[2.0, 0.5, 1.5], name="norm")
     x = norm(x)
     x = layers.SeparableConv2D(6, 3, padding="same", name="sep")(x)
     y = layers.Conv2D(6, 1, activation="swish", name="conv_swish")(x)
+    y = layers.Activation("swish", name="act_swish")(tf.nn.silu(y))
     x = tf.nn.relu6(x + 3.0) * (1.0 / 6.0)  # MobileNetV3's hard-sigmoid
     x = 2.0 - x * y
     block = tf_keras.Sequential([layers.Conv2D(4, 1, name="inner_conv"),
@@ -172,7 +175,11 @@ def test_rewrites_compute_the_same_function_and_quantize():
     assert not kinds & {"TFOpLambda", "SeparableConv2D", "Normalization", "Rescaling",
                         "Sequential"}
     assert converted.get_layer("conv_swish").get_config()["activation"] == "linear"
-    assert converted.get_layer("conv_swish_swish").get_config()["activation"] == "swish"
+    # swish is LOGISTIC + MUL in the file: a sigmoid (its fixed grid) and a Multiply
+    assert type(converted.get_layer("conv_swish_swish")).__name__ == "Multiply"
+    assert converted.get_layer("act_swish_sigmoid").get_config()["activation"] == "sigmoid"
+    assert sorted(type(layer).__name__ for layer in consumers(converted.get_layer("conv_swish"))) \
+        == ["Activation", "Multiply"]
     assert type(converted.get_layer("sep_depthwise")).__name__ == "DepthwiseConv2D"
     x = _x()
     np.testing.assert_allclose(converted(x, training=False).numpy(),

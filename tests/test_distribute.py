@@ -28,6 +28,7 @@ ARGS = ["data=synthetic", "data.image_size=8", "data.train_examples=256", "data.
         "optimizer=sgd", "trainer.verbose=0"]
 MIRRORED = ["trainer.strategy=mirrored", "trainer.cpu_replicas=2"]
 SYNC = "model.sync_bn=true"
+NO_EXPORT = "export.enabled=false"  # compared by checkpoint; only the two-worker run exports
 
 
 def _free_ports(n):
@@ -84,8 +85,8 @@ def test_synchronized_bn_makes_training_independent_of_the_replica_count(tmp_pat
     _train("phase=float", f"run.dir={mirrored}", SYNC, *MIRRORED)
     _train_two_workers("phase=float", f"run.dir={multi}", SYNC)
     init = f"quant.init_from={one / 'float'}"
-    _train("phase=quant", f"run.dir={one}", SYNC, init)
-    _train("phase=quant", f"run.dir={mirrored}", SYNC, init, *MIRRORED)
+    _train("phase=quant", f"run.dir={one}", SYNC, init, NO_EXPORT)
+    _train("phase=quant", f"run.dir={mirrored}", SYNC, init, NO_EXPORT, *MIRRORED)
     _train_two_workers("phase=quant", f"run.dir={multi}", SYNC, init)
 
     for phase in ("float", "quant"):
@@ -97,12 +98,13 @@ def test_synchronized_bn_makes_training_independent_of_the_replica_count(tmp_pat
     assert {"output_min", "output_max"} <= {k.split("/")[-3] for k in keys}  # quant ranges
     assert json.loads((multi / "float" / "metrics.json").read_text())["steps"] == 4
     assert (multi / "export" / "report.json").is_file()
+    assert not (one / "export").exists()  # export.enabled=false: the quant phase ends the run
     # Only the chief wrote: one set of event files per TensorBoard directory.
     assert len(list((multi / "tb" / "float" / "train").glob("events.out.tfevents*"))) <= 2
 
     # Learned ranges as well: LSQ's gradient scale counts the global batch, and the range starts
     # at the global batch's extent.
-    learned = ("phase=quant", SYNC, init, "quant.range=learned")
+    learned = ("phase=quant", SYNC, init, "quant.range=learned", NO_EXPORT)
     _train(f"run.dir={tmp_path / 'learned_one'}", *learned)
     _train(f"run.dir={tmp_path / 'learned_mirrored'}", *learned, *MIRRORED)
     worst, keys = _largest_difference(tmp_path / "learned_one" / "quant",

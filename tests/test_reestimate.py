@@ -57,16 +57,20 @@ def test_quant_phase_reestimates_before_its_last_checkpoint(tmp_path):
     common = ["data=synthetic", "data.image_size=8", "data.train_examples=128",
               "data.val_examples=64", "model.width=4", "trainer.epochs=1", "quant.epochs=1",
               "trainer.batch_size=32", "trainer.verbose=0"]
+    proc = run_cli("qat.train", "phase=float", *common, f"run.dir={tmp_path / 'float_run'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     stats = {}
-    for batches in (0, 3):
+    for batches in (0, 3):  # both from one float checkpoint; the one that re-estimates exports
         run = tmp_path / f"run{batches}"
-        proc = run_cli("qat.train", "phase=all", *common, f"run.dir={run}",
-                       f"quant.bn_reestimate_batches={batches}")
+        proc = run_cli("qat.train", "phase=quant", *common, f"run.dir={run}",
+                       f"quant.init_from={tmp_path / 'float_run' / 'float'}",
+                       f"quant.bn_reestimate_batches={batches}",
+                       f"export.enabled={str(bool(batches)).lower()}")
         assert proc.returncode == 0, proc.stderr[-2000:]
         reader = tf.train.load_checkpoint(str(run / "quant"))
         stats[batches] = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
                           if "moving_mean" in k}
-        assert (run / "export" / "report.json").is_file()
+    assert (tmp_path / "run3" / "export" / "report.json").is_file()
     assert stats[0].keys() == stats[3].keys() and stats[0]
     assert all(not np.allclose(stats[0][k], stats[3][k]) for k in stats[0])
 

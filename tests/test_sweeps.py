@@ -67,8 +67,8 @@ def _png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
-def _fixture_run(root, name, model, bn, bits, acc):
-    float_dir = root / f"{model}_float" / "float"
+def _fixture_run(root, name, model, bn, bits, acc, seed=0, ranges="ema"):
+    float_dir = root / f"{model}_float{seed}" / "float"
     float_dir.mkdir(parents=True, exist_ok=True)
     (float_dir / "metrics.json").write_text(json.dumps({"val_accuracy": 0.99,
                                                         "step_time_ms": 10.0}))
@@ -76,27 +76,36 @@ def _fixture_run(root, name, model, bn, bits, acc):
     (run / "quant").mkdir(parents=True)
     (run / "export").mkdir()
     (run / "quant" / "config.json").write_text(json.dumps({
-        "model": {"name": model},
-        "quant": {"bn": bn, "weight_bits": bits, "activation_bits": 8,
+        "model": {"name": model}, "trainer": {"seed": seed},
+        "quant": {"bn": bn, "weight_bits": bits, "activation_bits": 8, "range": ranges,
                   "init_from": str(float_dir)}}))
     (run / "quant" / "metrics.json").write_text(json.dumps({"val_accuracy": acc,
                                                             "step_time_ms": 12.5}))
     (run / "export" / "report.json").write_text(json.dumps({
-        "tflite_int8_accuracy": acc, "int8_agreement": 0.995, "float_bytes": 4096,
-        "int8_bytes": 1024, "ptq_int8_accuracy": 0.9}))
+        "tflite_int8_accuracy": acc, "int8_agreement": 0.995, "int8_logit_error": 0.01,
+        "float_bytes": 4096, "int8_bytes": 1024, "ptq_int8_accuracy": 0.9,
+        "ptq_simulated_accuracy": 0.5 + seed / 10}))
 
 
-def test_report_writes_table_and_png(tmp_path):
+def test_report_averages_seeds_of_a_setting_and_writes_table_and_png(tmp_path):
     from qat.report import main
 
     _fixture_run(tmp_path, "a", "convnet", "params", 8, 0.98)
-    _fixture_run(tmp_path, "b", "convnet", "fold", 4, 0.95)
+    _fixture_run(tmp_path, "b0", "convnet", "fold", 4, 0.95, seed=0)
+    _fixture_run(tmp_path, "b1", "convnet", "fold", 4, 0.91, seed=1)
+    _fixture_run(tmp_path, "b2", "convnet", "fold", 4, 0.96, seed=2, ranges="learned")
     _fixture_run(tmp_path, "c", "resnet", "params", 8, 0.97)
     out, png = tmp_path / "RESULTS.md", tmp_path / "plot.png"
     assert main([str(tmp_path), "--out", str(out), "--plot", str(png)]) == 0
     table = out.read_text()
-    row = "| convnet | fold | w4a8 | 0.9900 | 0.9000 | 0.9500 | 0.9950 | 10.0 | 12.5 | 4.0 | 1.0 |"
-    assert row in table
+    # Two seeds of (convnet, fold, w4a8, ema): means 0.93 and 0.55, spreads (max-min)/2.
+    row = ("| convnet | fold | w4a8 | ema | off | 2 | 0.9900 ± 0.0000 | 0.9000 ± 0.0000 | "
+           "0.5500 ± 0.0500 | 0.9300 ± 0.0200 | 0.9950 ± 0.0000 | 0.010 ± 0.000 | "
+           "12.5 ± 0.0 | 1.0 ± 0.0 |")
+    assert row in table, table
+    assert "| convnet | fold | w4a8 | learned | off | 1 | 0.9900 | 0.9000 | 0.7000 | 0.9600 |" \
+        in table
+    assert "convnet (fold) w4a8: best learned 0.9600 (others: ema 0.9300" in table
     assert table.count("| resnet |") == 1 and "cores" in table
     width, height = _png_size(png)
     assert width > 300 and height > 200
