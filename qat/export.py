@@ -235,7 +235,14 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
 def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
     """Kernel ranges = the folded kernel's own per-channel extent (what the converter stores).
     Folding starts from the dequantized kernels, so with quant.range=learned the extent already
-    is the trained range: clipped to r × the float extent, the grid's last point."""
+    is the trained range: clipped to r × the float extent, the grid's last point.
+
+    A b-bit kernel (b < 8) is stored as int8 values f = 127 // (2^(b-1) - 1) times its b-bit
+    ones (f = 18 at 4 bits), on an f times finer step: the same numbers, but the file's int32
+    bias (on input step × kernel step) and its requantization (TFLite's reference kernels round
+    twice: onto 2^-shift of the output step, then onto the step) round f times finer. On the
+    b-bit grid itself they moved ~5 % of a w4a4 conv's outputs by one step, and a 4-bit dense
+    layer's 8-bit outputs by up to 3, which the QAT model does not compute."""
     for wrapper in qmodel.layers:
         if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapperV2):
             continue
@@ -245,6 +252,10 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
                 kernel = depthwise_output_channels(kernel).numpy()
             bound = np.maximum(np.abs(kernel.reshape(-1, kernel.shape[-1])).max(axis=0),
                                RANGE_FLOOR)
+            if quantizer.num_bits < 8:  # the 8-bit narrow grid whose step is the b-bit one / f
+                levels = 2 ** (quantizer.num_bits - 1) - 1
+                bound = bound * 127.0 / (levels * (127 // levels))
+                quantizer.num_bits = 8  # read when the converter traces the model
             if qvars["min_var"].shape.rank == 0:  # per-tensor kernel
                 bound = bound.max()
             qvars["min_var"].assign(-bound)

@@ -90,6 +90,13 @@ def _fit(model: tf_keras.Model, data: Data, settings: QATConfig, phase: str, *, 
     steps_per_epoch = trainer.steps_per_epoch or max(1, data.train_examples // trainer.batch_size)
     recipe = phase_recipe(settings, phase)  # before any write: a bad recipe changes nothing
     optimizer = make_optimizer(recipe, learning_rate_schedule(recipe, steps_per_epoch, epochs))
+    if phase == "quant" and settings.quant.range == "learned" and not isinstance(
+            optimizer, tf_keras.optimizers.SGD):
+        log.warning("quant.range=learned with %s: an adaptive optimizer moves each range by "
+                    "about the learning rate per step whatever its gradient, so ranges hardly "
+                    "train in a short fine-tune; LSQ's gradient scaling assumes SGD "
+                    "(+optimizer@quant.optimizer=sgd quant.learning_rate=0.01, README)",
+                    type(optimizer).__name__)
     if chief:
         _prepare_phase_dir(directory, tb, settings.run.overwrite)
         _check_resumable(directory, backup, settings)
