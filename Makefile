@@ -25,7 +25,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP) ## run the test suite (what CI runs) but `heavy` tests, TEST_WORKERS processes by file
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not heavy" $(ARGS)
 
-test-heavy: $(STAMP) ## the `heavy` tests: ResNet50V2, DenseNet121, EfficientNetB0 end to end (~12 min)
+test-heavy: $(STAMP) ## the `heavy` tests: MobileNetV2, ResNet50V2, DenseNet121, EfficientNetB0 end to end (~14 min)
 	$(PY) -m pytest -m heavy $(ARGS)
 
 lint: $(STAMP) ## ruff

@@ -16,7 +16,10 @@ from qat.export import export_quant_model, tflite_logits
 from qat.layers import QuantBatchNorm
 from qat.quantize import quantize_model
 
-pytestmark = pytest.mark.slow
+# 2-5 minutes each on 2 cores (graph size, not compute): `make test-heavy` runs them, so
+# `make test` stays well under its 15-minute budget; it keeps the applications' construction
+# and conversion (tests/test_sources.py, tests/test_convert.py).
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 SHAPE, CLASSES = (32, 32, 3), 10
 ARCHS = {  # tfmot's quantize_model refuses all but MobileNetV2 (FIELD-NOTES)
@@ -25,12 +28,9 @@ ARCHS = {  # tfmot's quantize_model refuses all but MobileNetV2 (FIELD-NOTES)
     "ResNet50V2": {},  # BN after Add: pre-activation blocks
     "DenseNet121": {},  # BN after Concatenate
 }
-# 2-5 minutes each on 2 cores (graph size, not compute): `make test-heavy` runs the HEAVY ones.
-HEAVY = {"ResNet50V2", "DenseNet121", "EfficientNetB0"}
 
 
-@pytest.mark.parametrize("arch", [pytest.param(arch, marks=[pytest.mark.heavy] * (arch in HEAVY))
-                                  for arch in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_application_exports_a_full_int8_file_that_computes_the_qat_model(arch, tmp_path):
     original = getattr(tf_keras.applications, arch)(
         input_shape=SHAPE, classes=CLASSES, weights=None, classifier_activation=None,
