@@ -22,9 +22,9 @@ import traceback
 ARCHS = {
     "MobileNet": {"alpha": 0.25}, "MobileNetV2": {"alpha": 0.35},
     "MobileNetV3Small": {"alpha": 0.75}, "MobileNetV3Large": {"alpha": 0.75},
-    "ResNet50": {}, "ResNet50V2": {}, "EfficientNetB0": {}, "EfficientNetV2B0": {},
-    "DenseNet121": {}, "NASNetMobile": {}, "RegNetX002": {}, "InceptionV3": {}, "Xception": {},
-    "ConvNeXtTiny": {},
+    "ResNet50": {}, "ResNet101": {}, "ResNet50V2": {}, "ResNet101V2": {}, "EfficientNetB0": {},
+    "EfficientNetV2B0": {}, "DenseNet121": {}, "DenseNet169": {}, "NASNetMobile": {},
+    "RegNetX002": {}, "InceptionV3": {}, "Xception": {}, "ConvNeXtTiny": {},
 }
 MIN_SIZE = {"InceptionV3": 75, "Xception": 71}
 BN_MOMENTUM = 0.9  # as qat's built-ins on this data (README, "Defaults worth knowing")
