@@ -55,6 +55,13 @@ class PhaseConfig:
                  f"phase={self.name} is unknown: use phase=float, phase=quant or phase=all")
 
     @property
+    def reestimate_batches(self) -> int:
+        """BN re-estimation batches: quant.bn_reestimate_batches, or its default."""
+        return resolved_reestimate_batches(self.quant.bn_reestimate_batches,
+                                           self.quant.weight_bits, self.quant.activation_bits,
+                                           self.trainer.strategy)
+
+    @property
     def steps(self) -> tuple[str, ...]:
         return PHASE_STEPS[self.name]
 
@@ -316,8 +323,9 @@ class QuantConfig:
     bn_variance: str = "inv_std"  # bn_target=params: quantize 1/sqrt(var+eps), or var itself
     freeze_bn_after_steps: int | None = None  # quant-phase steps; null: never freeze
     # > 0: after the quant phase, set BN moving statistics to the average over this many
-    # training batches run through the quantized model (qat.reestimate); 0: off
-    bn_reestimate_batches: int = 0
+    # training batches run through the quantized model (qat.reestimate); 0: off; null: 20
+    # when weights or activations are below 8 bits on one device, else off (make experiments)
+    bn_reestimate_batches: int | None = None
     activation_ema_decay: float = 0.99  # tfmot hard-codes 0.999: too slow for short fine-tunes
     # ema: activation ranges averaged, kernel ranges = the kernel's extent. learned: both
     # trained with LSQ's gradients (activations: [min, max]; kernels: a per-channel fraction of
@@ -352,7 +360,7 @@ class QuantConfig:
                  f"quant.freeze_bn_after_steps={self.freeze_bn_after_steps} must be >= 0 or null")
         _require(self.range in RANGE_MODES,
                  f"quant.range={self.range} is unknown: use one of {RANGE_MODES}")
-        _require(self.bn_reestimate_batches >= 0,
+        _require(self.bn_reestimate_batches is None or self.bn_reestimate_batches >= 0,
                  f"quant.bn_reestimate_batches={self.bn_reestimate_batches} must be >= 0")
         _require(0.0 <= self.activation_ema_decay < 1.0,
                  f"quant.activation_ema_decay={self.activation_ema_decay} must be in [0, 1)")
@@ -407,6 +415,13 @@ class QATConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
+    def reestimate_batches(self) -> int:
+        """BN re-estimation batches: quant.bn_reestimate_batches, or its default."""
+        return resolved_reestimate_batches(self.quant.bn_reestimate_batches,
+                                           self.quant.weight_bits, self.quant.activation_bits,
+                                           self.trainer.strategy)
+
+    @property
     def steps(self) -> tuple[str, ...]:
         """What this run does, in order: the phase's steps, less the export if disabled."""
         return tuple(step for step in self.phase.steps if step != "export" or self.export.enabled)
@@ -418,6 +433,19 @@ class QATConfig:
             return self.quant
         return dataclasses.replace(
             self.quant, input_range=self.data.normalized_range(*self.quant.input_range))
+
+
+DEFAULT_REESTIMATE_BATCHES = 20
+
+
+def resolved_reestimate_batches(batches: int | None, weight_bits: int, activation_bits: int,
+                                strategy: str = "default") -> int:
+    """quant.bn_reestimate_batches=null means: re-estimate below 8 bits, where it helps most
+    (README, Experiments), except under tf.distribute, where it cannot run (one device)."""
+    if batches is not None:
+        return batches
+    low = min(weight_bits, activation_bits) < 8
+    return DEFAULT_REESTIMATE_BATCHES if low and strategy == "default" else 0
 
 
 def register_configs() -> None:

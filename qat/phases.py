@@ -198,13 +198,13 @@ def run_quant(settings: QATConfig, data: Data | None = None) -> PhaseResult:
     if settings.quant.freeze_bn_after_steps is not None:
         extra.append(qcb.FreezeBatchNormAfter(batchnorm_layers(qmodel),
                                               settings.quant.freeze_bn_after_steps))
-    if settings.quant.bn_reestimate_batches:
+    if settings.reestimate_batches:
         def training_images():  # shuffled, not augmented
             return batches(data.train, settings.trainer.batch_size, shuffle=True,
                            seed=settings.trainer.seed + 1, repeat=True, decode=data.decode,
                            buffer=data.train_buffer, normalization=data.normalization)
 
-        extra.append(ReestimateBatchNorm(training_images, settings.quant.bn_reestimate_batches))
+        extra.append(ReestimateBatchNorm(training_images, settings.reestimate_batches))
     plan = {"layers": quantization_plan(float_model, settings.model_quant())}
     metrics = _fit(qmodel, data, settings, "quant", epochs=settings.quant.epochs,
                    extra_callbacks=extra, files={PLAN_FILE: plan})

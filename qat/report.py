@@ -16,6 +16,7 @@ import platform
 import sys
 from dataclasses import dataclass
 
+from qat.config import resolved_reestimate_batches
 from qat.errors import report_error
 
 SETTING_KEYS = ("model", "bn", "bits", "range", "reestimate")  # one table row per setting
@@ -94,7 +95,10 @@ def read_row(run: str) -> Row:
         bn=quant_cfg.get("bn", "?"),
         bits=f"w{quant_cfg.get('weight_bits', '?')}a{quant_cfg.get('activation_bits', '?')}",
         range=quant_cfg.get("range", "ema"),
-        reestimate=int(quant_cfg.get("bn_reestimate_batches", 0) or 0),
+        reestimate=resolved_reestimate_batches(
+            quant_cfg.get("bn_reestimate_batches", 0), quant_cfg.get("weight_bits", 8),
+            quant_cfg.get("activation_bits", 8),
+            config.get("trainer", {}).get("strategy", "default")),
         seed=int(config.get("trainer", {}).get("seed", 0)),
         float_acc=float_metrics.get("val_accuracy"),
         ptq_int8_acc=report.get("ptq_int8_accuracy"),

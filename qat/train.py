@@ -68,7 +68,7 @@ def _check_runnable(settings: QATConfig) -> None:
     if "export" in settings.steps:
         check_exportable(settings.quant)
     distributed = settings.trainer.strategy != "default" and "quant" in settings.phase.steps
-    if distributed and settings.quant.bn_reestimate_batches:
+    if distributed and settings.quant.bn_reestimate_batches:  # set explicitly (null: off here)
         raise ConfigError("quant.bn_reestimate_batches runs eagerly on one device: use "
                           "trainer.strategy=default, or re-estimate in a separate quant run")
 

@@ -23,6 +23,23 @@ def test_defaults_compose_and_resolve():
     assert settings.quant.bn == "params"
 
 
+@pytest.mark.parametrize("overrides, batches", [
+    ([], 0),  # 8 bits: off
+    (["quant.weight_bits=4"], 20),  # below 8 bits: re-estimate (make experiments)
+    (["quant.activation_bits=4"], 20),
+    (["quant.weight_bits=4", "trainer.strategy=mirrored"], 0),  # cannot run distributed
+    (["quant.weight_bits=4", "quant.bn_reestimate_batches=0"], 0),  # explicit wins
+    (["quant.bn_reestimate_batches=5"], 5),
+])
+def test_bn_reestimation_defaults_on_below_8_bits(overrides, batches):
+    assert to_settings(_compose(*overrides)).reestimate_batches == batches
+
+
+def test_export_can_be_left_for_later():
+    assert to_settings(_compose("phase=quant")).steps == ("quant", "export")
+    assert to_settings(_compose("phase=quant", "export.enabled=false")).steps == ("quant",)
+
+
 def test_groups_select_settings():
     settings = to_settings(_compose("phase=all", "model=mobilenet", "quant.bn=fold",
                                     "quant.weight_bits=4", "run.name=exp1"))
