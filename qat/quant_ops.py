@@ -157,6 +157,9 @@ def fake_quant_activation(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: 
     return quantize(x, lo, hi)
 
 
+LSQ_LEVELS = 15.0  # learned_fake_quant: above this many positive levels, g shrinks by 15/Qp
+
+
 def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int, *,
                        narrow_range: bool = False, per_channel: bool = False,
                        fixed_low: bool = False, replicas: int = 1) -> tf.Tensor:
@@ -168,7 +171,8 @@ def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int
       * x: straight through inside the range, 0 outside (clipped values get no gradient);
       * the step s (LSQ): round(u) - u inside (the rounding error LSQ keeps), n above, 0 below;
       * the offset, the range moving whole at a fixed step (LSQ+): 1 outside, 0 inside;
-      * both scaled by LSQ's g = 1/sqrt(N·Qp) (N values per range, Qp positive levels).
+      * both scaled by LSQ's g = 1/sqrt(N·Qp) (N values per range, Qp positive levels), times
+        15/Qp where Qp > 15 (`LSQ_LEVELS`: 8-bit ranges otherwise jump under SGD).
     The (offset, step) updates are returned in the variables' coordinates: lo gets the offset's,
     hi the offset's plus n times the step's, so a plain optimizer step on (lo, hi) moves the
     range as LSQ+ moves (offset, step). `fixed_low`: lo is not trained (a ReLU's 0), hi gets the
@@ -199,7 +203,10 @@ def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int
             count = (tf.cast(tf.size(x), tf.float32) * replicas
                      / tf.cast(tf.size(lo), tf.float32))
             positive = levels / 2.0 if narrow_range else levels  # symmetric: half the grid
-            g = tf.math.rsqrt(count * positive)
+            # Above LSQ_LEVELS positive levels, g shrinks by LSQ_LEVELS / Qp: a clipped value adds
+            # Qp to dL/ds and the range is Qp·s, so the clip term moves the range by ~Qp^1.5/√N
+            # of itself per value, ~70x more at 8 bits than at 4 (README, "Learned ranges").
+            g = tf.math.rsqrt(count * positive) * min(1.0, LSQ_LEVELS / positive)
             d_step = tf.reduce_sum(dy * d_u, axis=axes) * g
             d_offset = (tf.zeros_like(d_step) if fixed_low else
                         tf.reduce_sum(dy * tf.cast(tf.logical_not(inside), x.dtype), axis=axes) * g)

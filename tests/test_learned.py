@@ -21,7 +21,8 @@ def _reference_grads(x, w, lo, hi, bits, narrow, axes):
     u = (x - (qmin - zp) * s) / s
     inside = (u >= 0) & (u <= n)
     d_u = np.where(inside, np.round(u) - u, np.where(u > n, n, 0.0))
-    g = 1.0 / np.sqrt(x.size / np.size(lo) * (n / 2 if narrow else n))
+    positive = n / 2 if narrow else n
+    g = 1.0 / np.sqrt(x.size / np.size(lo) * positive) * min(1.0, 15.0 / positive)
     d_step = (w * d_u).sum(axis=axes) * g
     d_offset = (w * ~inside).sum(axis=axes) * g
     return d_offset, d_offset + n * d_step
