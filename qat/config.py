@@ -55,13 +55,6 @@ class PhaseConfig:
                  f"phase={self.name} is unknown: use phase=float, phase=quant or phase=all")
 
     @property
-    def reestimate_batches(self) -> int:
-        """BN re-estimation batches: quant.bn_reestimate_batches, or its default."""
-        return resolved_reestimate_batches(self.quant.bn_reestimate_batches,
-                                           self.quant.weight_bits, self.quant.activation_bits,
-                                           self.trainer.strategy)
-
-    @property
     def steps(self) -> tuple[str, ...]:
         return PHASE_STEPS[self.name]
 

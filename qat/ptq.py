@@ -19,17 +19,7 @@ import tf_keras
 
 from qat.config import QuantConfig
 from qat.layers import batchnorm_layers, set_switches
-from qat.quantize import ActivationQuantizer, quantize_model
-
-
-def activation_quantizers(model: tf_keras.Model) -> list[ActivationQuantizer]:
-    """Every activation quantizer of a quantized model: outputs, and the input's."""
-    found = []
-    for layer in model.submodules:
-        for quantizer in getattr(layer, "_output_quantizers", []) or []:
-            found.append(quantizer)
-        found.append(getattr(layer, "quantizer", None))
-    return [q for q in found if isinstance(q, ActivationQuantizer)]
+from qat.quantize import activation_quantizers, quantize_model
 
 
 def calibrate(qmodel: tf_keras.Model, images: Iterable) -> int:

@@ -595,16 +595,21 @@ def plan_layers(model: tf_keras.Model, cfg: QuantConfig):
     return pairs, configs, skipped
 
 
-def store_low_bits_as_int8(qmodel: tf_keras.Model) -> int:
-    """Switch every activation quantizer below 8 bits of `qmodel` (the model the export converts)
-    to its int8-storable form (`fake_quant_on_int8_grid`); returns how many. Before the model
-    is traced for conversion: the flag is read when the graph is built."""
+def activation_quantizers(qmodel: tf_keras.Model) -> list[ActivationQuantizer]:
+    """Every activation quantizer of a quantized model: the layers' outputs' and the input's."""
     quantizers = []
     for layer in qmodel.layers:
         quantizers += getattr(layer, "_output_quantizers", None) or []
         if isinstance(layer, QuantizeLayer):
             quantizers.append(layer.quantizer)
-    low = [q for q in quantizers if isinstance(q, ActivationQuantizer) and q.num_bits < 8]
+    return [q for q in quantizers if isinstance(q, ActivationQuantizer)]
+
+
+def store_low_bits_as_int8(qmodel: tf_keras.Model) -> int:
+    """Switch every activation quantizer below 8 bits of `qmodel` (the model the export converts)
+    to its int8-storable form (`fake_quant_on_int8_grid`); returns how many. Before the model
+    is traced for conversion: the flag is read when the graph is built."""
+    low = [q for q in activation_quantizers(qmodel) if q.num_bits < 8]
     for quantizer in low:
         quantizer.int8_storage = True
     return len(low)

@@ -271,6 +271,28 @@ def test_stray_batchnorms_are_quantized_and_exported_full_int8(tmp_path):
     assert {"DEPTHWISE_CONV_2D", "LEAKY_RELU"} <= ops and not ops & {"MUL", "DEQUANTIZE"}
 
 
+def _fine_tuned(build, arrays, float_epochs: int):
+    """A Keras model from `build(input_shape, classes)`, trained in float on the digits, then
+    prepared, quantized and fine-tuned one epoch: (prepared float model, QAT model)."""
+    import tf_keras
+
+    from qat.api import prepare
+    from qat.config import QuantConfig
+    from qat.quantize import quantize_model
+
+    tf_keras.utils.set_random_seed(0)
+    keras_model = build(arrays.input_shape, arrays.num_classes)
+    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    keras_model.compile(tf_keras.optimizers.Adam(3e-3), loss)
+    keras_model.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=float_epochs,
+                    verbose=0)
+    model = prepare(keras_model)
+    qmodel = quantize_model(model, QuantConfig())
+    qmodel.compile(tf_keras.optimizers.Adam(1e-4), loss)
+    qmodel.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=1, verbose=0)
+    return model, qmodel
+
+
 def _residual_relu_model(input_shape, classes):
     """Xception's pattern: each residual sum feeds the next sum AND a ReLU in front of a
     separable conv, so the ReLU cannot fuse into the ADD; plus a ReLU after a concatenation."""
@@ -302,23 +324,12 @@ def test_relus_after_residual_sums_are_in_the_int8_file(tmp_path):
     the next sum; a ReLU after a concatenation) is a RELU op in the int8 file, so the file
     computes what the QAT model computes. As a lone FakeQuant pinned at 0 it was dropped by the
     converter (Xception: logit error 0.87 std, argmax agreement 0.90; fixed: 0.006, 1.0)."""
-    import tf_keras
     from ai_edge_litert.interpreter import Interpreter
 
-    from qat.api import export_model, prepare
-    from qat.config import QuantConfig
-    from qat.quantize import quantize_model
+    from qat.api import export_model
 
     arrays = load_arrays(DataConfig())
-    tf_keras.utils.set_random_seed(0)
-    keras_model = _residual_relu_model(arrays.input_shape, arrays.num_classes)
-    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    keras_model.compile(tf_keras.optimizers.Adam(3e-3), loss)
-    keras_model.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=4, verbose=0)
-    model = prepare(keras_model)
-    qmodel = quantize_model(model, QuantConfig())
-    qmodel.compile(tf_keras.optimizers.Adam(1e-4), loss)
-    qmodel.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=1, verbose=0)
+    model, qmodel = _fine_tuned(_residual_relu_model, arrays, float_epochs=4)
 
     out = str(tmp_path / "export")
     report = export_model(qmodel, model, arrays.x_val, arrays.y_val, out)
@@ -363,23 +374,12 @@ def test_sigmoids_round_onto_the_grid_the_int8_file_fixes(tmp_path):
     LOGISTIC + MUL in the file), so the file needs no requantizing op and computes what QAT
     trained. Measured on this model: logit error 0.003 and agreement 1.000; with each sigmoid
     fake-quantized on a range of its own (requantized in the file): 0.028 and 0.972."""
-    import tf_keras
     from ai_edge_litert.interpreter import Interpreter
 
-    from qat.api import export_model, prepare
-    from qat.config import QuantConfig
-    from qat.quantize import quantize_model
+    from qat.api import export_model
 
     arrays = load_arrays(DataConfig())
-    tf_keras.utils.set_random_seed(0)
-    keras_model = _swish_excite_model(arrays.input_shape, arrays.num_classes)
-    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    keras_model.compile(tf_keras.optimizers.Adam(3e-3), loss)
-    keras_model.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=8, verbose=0)
-    model = prepare(keras_model)
-    qmodel = quantize_model(model, QuantConfig())
-    qmodel.compile(tf_keras.optimizers.Adam(1e-4), loss)
-    qmodel.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=1, verbose=0)
+    model, qmodel = _fine_tuned(_swish_excite_model, arrays, float_epochs=8)
 
     out = str(tmp_path / "export")
     report = export_model(qmodel, model, arrays.x_val, arrays.y_val, out)

@@ -6,8 +6,8 @@ import tf_keras
 from qat.api import prepare
 from qat.config import QuantConfig
 from qat.layers import batchnorm_layers
-from qat.ptq import activation_quantizers, calibrate, simulated_ptq_model
-from qat.quantize import quantize_model
+from qat.ptq import calibrate, simulated_ptq_model
+from qat.quantize import activation_quantizers, quantize_model
 
 
 def _dense_model(kernel, bias):
