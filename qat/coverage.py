@@ -23,12 +23,14 @@ ARCHS = {
     "MobileNet": {"alpha": 0.25}, "MobileNetV2": {"alpha": 0.35},
     "MobileNetV3Small": {"alpha": 0.75}, "MobileNetV3Large": {"alpha": 0.75},
     "ResNet50": {}, "ResNet101": {}, "ResNet50V2": {}, "ResNet101V2": {}, "EfficientNetB0": {},
-    "EfficientNetV2B0": {}, "DenseNet121": {}, "DenseNet169": {}, "NASNetMobile": {},
+    "EfficientNetV2B0": {}, "DenseNet121": {}, "DenseNet169": {}, "DenseNet201": {},
+    "NASNetMobile": {},
     "RegNetX002": {}, "InceptionV3": {}, "Xception": {}, "ConvNeXtTiny": {},
 }
 MIN_SIZE = {"InceptionV3": 75, "Xception": 71}
 BN_MOMENTUM = 0.9  # as qat's built-ins on this data (README, "Defaults worth knowing")
 FLOAT_TARGET = 0.9  # float validation accuracy the float training stops at
+QAT_EPOCHS = 1
 
 
 def _data(image_size: int):
@@ -51,7 +53,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_arch(arch: str, image_size: int, float_epochs: int, out_dir: str,
-             float_target: float = FLOAT_TARGET) -> dict:
+             float_target: float = FLOAT_TARGET, qat_epochs: int = QAT_EPOCHS) -> dict:
     """Everything for one architecture, in this process; returns the table row."""
     import numpy as np
     import tensorflow as tf
@@ -79,7 +81,7 @@ def run_arch(arch: str, image_size: int, float_epochs: int, out_dir: str,
     keras_model.compile(tf_keras.optimizers.Adam(1e-3), loss, ["accuracy"])
     # Trained until float_target (at most float_epochs): agreement on a weakly trained net
     # measures its near-ties and the runtime's rounding, not the export (README, Coverage).
-    row["float_target"] = float_target
+    row["float_target"], row["qat_epochs"] = float_target, qat_epochs
     for epoch in range(1, float_epochs + 1):
         keras_model.fit(x, y, batch_size=64, epochs=1, verbose=0)
         row["float_acc"] = float(keras_model.evaluate(x_val, y_val, verbose=0)[1])
@@ -94,7 +96,7 @@ def run_arch(arch: str, image_size: int, float_epochs: int, out_dir: str,
         row["convert_max_diff"] = float(diff)
         qmodel = quantize_model(model, QuantConfig())
         qmodel.compile(tf_keras.optimizers.Adam(1e-4), loss, ["accuracy"])
-        qmodel.fit(x, y, batch_size=64, epochs=1, verbose=0)
+        qmodel.fit(x, y, batch_size=64, epochs=qat_epochs, verbose=0)
         report = export_model(qmodel, model, x_val, y_val, os.path.join(out_dir, arch))
         int8 = os.path.join(out_dir, arch, "model_int8.tflite")
         fast, reference = (TFLiteModel(int8, reference_kernels=ref)(x_val) for ref in (0, 1))
@@ -133,7 +135,8 @@ def table(rows: list[dict]) -> str:
         "weights=None, the embedded digits data resized and repeated to 3 channels, float "
         f"training until {FLOAT_TARGET:.0%} validation accuracy (`--float-target`; a row with "
         "another target shows it beside its epochs) or `--float-epochs` (Keras BN "
-        "momentum set to 0.9), then qat: convert, one QAT epoch, fold, full-int8 file. "
+        "momentum set to 0.9), then qat: convert, one QAT epoch (`--qat-epochs`; a row "
+        "with more shows them beside qat), fold, full-int8 file. "
         "Accuracies are of the exported int8 files on the validation split (359 images). "
         "`agreement`: share of images where the file's argmax equals the QAT model's; "
         "`logit err`: mean |file − QAT logit| / std of the QAT logits; `runtime floor`: "
@@ -151,9 +154,12 @@ def table(rows: list[dict]) -> str:
         target = r.get("float_target", FLOAT_TARGET)
         epochs = f"{r.get('float_epochs', '?')}" + (
             f", target {target:g}" if target != FLOAT_TARGET else "")
+        qat = r.get("qat", "fails") + (
+            f" ({r['qat_epochs']} QAT epochs)" if r.get("qat_epochs", QAT_EPOCHS) != QAT_EPOCHS
+            else "")
         lines.append(
             f"| {r['arch']} | {r.get('input', '')} | {r.get('keras_bn', '')} | "
-            f"{fig['float_acc']} ({epochs}) | {r.get('qat', 'fails')} | "
+            f"{fig['float_acc']} ({epochs}) | {qat} | "
             f"{fig['qat_int8_acc']} | {fig['qat_agreement']} | {fig['logit_error']} | "
             f"{fig['runtime_agreement']} | {r.get('float_ops', '')} | {r.get('tfmot', 'fails')} "
             f"| {fig['tfmot_int8_acc']} |")
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--float-epochs", type=int, default=12, help="at most")
     parser.add_argument("--float-target", type=float, default=FLOAT_TARGET,
                         help="float validation accuracy the float training stops at")
+    parser.add_argument("--qat-epochs", type=int, default=QAT_EPOCHS)
     parser.add_argument("--out", default="experiments/COVERAGE.md")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of the other archs from the JSON beside --out")
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.one:
         row = run_arch(args.one, args.image_size, args.float_epochs, tempfile.mkdtemp(),
-                       args.float_target)
+                       args.float_target, args.qat_epochs)
         print("COVERAGE_ROW " + json.dumps(row))
         return 0
     rows = []
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.run(
             [sys.executable, "-m", "qat.coverage", "--one", arch, "--image-size",
              str(args.image_size), "--float-epochs", str(args.float_epochs),
-             "--float-target", str(args.float_target)],
+             "--float-target", str(args.float_target), "--qat-epochs", str(args.qat_epochs)],
             capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("COVERAGE_ROW ")]
         row = json.loads(found[-1].split(" ", 1)[1]) if found else {
