@@ -104,7 +104,9 @@ def test_quant_phase_fine_tunes_a_users_trained_keras_model(tmp_path, suffix):
     assert not (run / "float").exists()  # started from the file, no float phase
     report = json.loads((run / "export" / "report.json").read_text())
     assert float_accuracy > 0.9
-    assert report["tflite_int8_accuracy"] >= float_accuracy - 0.01
+    # Issue #11's bar: the int8 file within 0.3 pt of the user's float model (measured: float
+    # 0.961, int8 file 0.983, agreement 1.000 for both formats).
+    assert report["tflite_int8_accuracy"] >= float_accuracy - 0.003
     assert report["int8_agreement"] >= 0.99
     assert report["int8_float_tensors"] == []
 
