@@ -20,7 +20,7 @@ import time
 import traceback
 
 ARCHS = {
-    "MobileNet": {"alpha": 0.25}, "MobileNetV2": {"alpha": 0.35},
+    "MobileNet": {"alpha": 1.0}, "MobileNetV2": {"alpha": 0.35},
     "MobileNetV3Small": {"alpha": 0.75}, "MobileNetV3Large": {"alpha": 0.75},
     "ResNet50": {}, "ResNet101": {}, "ResNet50V2": {}, "ResNet101V2": {}, "EfficientNetB0": {},
     "EfficientNetV2B0": {}, "DenseNet121": {}, "DenseNet169": {}, "DenseNet201": {},
@@ -67,7 +67,7 @@ def run_arch(arch: str, image_size: int, float_epochs: int, out_dir: str,
 
     size = max(image_size, MIN_SIZE.get(arch, 0))
     x, y, x_val, y_val = _data(size)
-    row: dict = {"arch": arch, "input": f"{size}x{size}x3"}
+    row: dict = {"arch": arch, "input": f"{size}x{size}x3", "kwargs": ARCHS.get(arch, {})}
     loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     tf_keras.utils.set_random_seed(0)
     keras_model = getattr(tf_keras.applications, arch)(
@@ -157,8 +157,10 @@ def table(rows: list[dict]) -> str:
         qat = r.get("qat", "fails") + (
             f" ({r['qat_epochs']} QAT epochs)" if r.get("qat_epochs", QAT_EPOCHS) != QAT_EPOCHS
             else "")
+        kwargs = ", ".join(f"{k}={v:g}" for k, v in r.get("kwargs", {}).items())
+        arch = f"{r['arch']} ({kwargs})" if kwargs else r["arch"]
         lines.append(
-            f"| {r['arch']} | {r.get('input', '')} | {r.get('keras_bn', '')} | "
+            f"| {arch} | {r.get('input', '')} | {r.get('keras_bn', '')} | "
             f"{fig['float_acc']} ({epochs}) | {qat} | "
             f"{fig['qat_int8_acc']} | {fig['qat_agreement']} | {fig['logit_error']} | "
             f"{fig['runtime_agreement']} | {r.get('float_ops', '')} | {r.get('tfmot', 'fails')} "
