@@ -20,7 +20,7 @@ import time
 import traceback
 
 ARCHS = {
-    "MobileNet": {"alpha": 1.0}, "MobileNetV2": {"alpha": 0.35},
+    "MobileNet": {"alpha": 1.0}, "MobileNetV2": {"alpha": 1.0},
     "MobileNetV3Small": {"alpha": 0.75}, "MobileNetV3Large": {"alpha": 0.75},
     "ResNet50": {}, "ResNet101": {}, "ResNet50V2": {}, "ResNet101V2": {}, "EfficientNetB0": {},
     "EfficientNetV2B0": {}, "DenseNet121": {}, "DenseNet169": {}, "DenseNet201": {},
