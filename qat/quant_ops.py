@@ -171,8 +171,9 @@ def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int
       * x: straight through inside the range, 0 outside (clipped values get no gradient);
       * the step s (LSQ): round(u) - u inside (the rounding error LSQ keeps), n above, 0 below;
       * the offset, the range moving whole at a fixed step (LSQ+): 1 outside, 0 inside;
-      * both scaled by LSQ's g = 1/sqrt(N·Qp) (N values per range, Qp positive levels), times
-        15/Qp where Qp > 15 (`LSQ_LEVELS`: 8-bit ranges otherwise jump under SGD).
+      * both scaled by LSQ's g = 1/sqrt(N·Qp) (N values in the tensor, whether it has one range
+        or one per channel; Qp positive levels), times 15/Qp where Qp > 15 (`LSQ_LEVELS`:
+        8-bit ranges otherwise jump under SGD).
     The (offset, step) updates are returned in the variables' coordinates: lo gets the offset's,
     hi the offset's plus n times the step's, so a plain optimizer step on (lo, hi) moves the
     range as LSQ+ moves (offset, step). `fixed_low`: lo is not trained (a ReLU's 0), hi gets the
@@ -200,8 +201,10 @@ def learned_fake_quant(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: int
             below, above = u < 0.0, u > levels
             inside = tf.logical_not(tf.logical_or(below, above))
             d_u = tf.where(inside, tf.round(u) - u, tf.where(above, levels, 0.0))
-            count = (tf.cast(tf.size(x), tf.float32) * replicas
-                     / tf.cast(tf.size(lo), tf.float32))
+            # N: every value of the tensor, per-channel ranges included (LSQ's N_W, the
+            # layer's weight count). Counted per channel, a stem conv's 9 weights gave g a
+            # clip term large enough to carry its ranges below zero in one SGD step (README).
+            count = tf.cast(tf.size(x), tf.float32) * replicas
             positive = levels / 2.0 if narrow_range else levels  # symmetric: half the grid
             # Above LSQ_LEVELS positive levels, g shrinks by LSQ_LEVELS / Qp: a clipped value adds
             # Qp to dL/ds and the range is Qp·s, so the clip term moves the range by ~Qp^1.5/√N

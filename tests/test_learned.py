@@ -22,7 +22,7 @@ def _reference_grads(x, w, lo, hi, bits, narrow, axes):
     inside = (u >= 0) & (u <= n)
     d_u = np.where(inside, np.round(u) - u, np.where(u > n, n, 0.0))
     positive = n / 2 if narrow else n
-    g = 1.0 / np.sqrt(x.size / np.size(lo) * positive) * min(1.0, 15.0 / positive)
+    g = 1.0 / np.sqrt(x.size * positive) * min(1.0, 15.0 / positive)  # N: the whole tensor
     d_step = (w * d_u).sum(axis=axes) * g
     d_offset = (w * ~inside).sum(axis=axes) * g
     return d_offset, d_offset + n * d_step
