@@ -312,7 +312,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
     def __init__(self, kernel_attr: str | None = None, kernel: str | None = None,
                  weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99,
                  relu: bool = False, bn_name: str | None = None, learned: bool = False,
-                 output_range: tuple[float, float] | None = None):
+                 output_range: tuple[float, float] | None = None, learned_max_bits: int = 8):
         self.kernel_attr = kernel_attr
         self.kernel = kernel
         self.weight_bits = weight_bits
@@ -321,12 +321,14 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
         self.relu = relu
         self.bn_name = bn_name
         self.learned = learned  # quant.range=learned
+        self.learned_max_bits = learned_max_bits  # ... for quantizers with at most these bits
         self.output_range = tuple(output_range) if output_range else None
-        self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits, bn_name, learned)
-        self.output_quantizer = (ActivationQuantizer(output_bits, ema_decay, relu,
-                                                     fixed_range=self.output_range,
-                                                     learned=learned)
-                                 if output_bits is not None else None)
+        self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits, bn_name,
+                                                  learned and weight_bits <= learned_max_bits)
+        self.output_quantizer = (
+            ActivationQuantizer(output_bits, ema_decay, relu, fixed_range=self.output_range,
+                                learned=learned and output_bits <= learned_max_bits)
+            if output_bits is not None else None)
 
     def get_weights_and_quantizers(self, layer):
         if self.kernel_quantizer is None:
@@ -350,7 +352,8 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
         return {"kernel_attr": self.kernel_attr, "kernel": self.kernel,
                 "weight_bits": self.weight_bits, "output_bits": self.output_bits,
                 "ema_decay": self.ema_decay, "relu": self.relu, "bn_name": self.bn_name,
-                "learned": self.learned, "output_range": self.output_range}
+                "learned": self.learned, "output_range": self.output_range,
+                "learned_max_bits": self.learned_max_bits}
 
 
 def _kernel_quantizer(kind: str | None, bits: int, bn_name: str | None = None,
@@ -480,7 +483,8 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
     outbound = consumers(layer)
     fused_into_next = len(outbound) == 1 and fuses_into(layer, outbound[0], pairs)
     common = {"output_bits": None if fused_into_next else activation_bits,
-              "ema_decay": cfg.activation_ema_decay, "learned": cfg.range == "learned"}
+              "ema_decay": cfg.activation_ema_decay, "learned": cfg.range == "learned",
+              "learned_max_bits": cfg.learned_max_bits}
     if rule.output == RELU or type(layer).__name__ == "ReLU":
         common.update(output_bits=activation_bits, relu=output_starts_at_zero(layer))
     if rule.fixed_range and common["output_bits"] == 8:  # below 8 bits the file requantizes
@@ -632,7 +636,9 @@ def quantization_plan(model: tf_keras.Model, cfg: QuantConfig) -> list[dict]:
             low, high = config.output_range
             output = f"TFLite's fixed int8 grid (step 1/{round(255 / (high - low))} from {low:g})"
         elif config.output_bits is not None:
-            output = f"int8 range ({config.output_bits} bits{', from 0' if config.relu else ''})"
+            learned = config.output_quantizer.learned
+            output = (f"int8 range ({config.output_bits} bits{', from 0' if config.relu else ''}"
+                      f"{', learned' if learned else ''})")
         elif len(outbound) == 1 and fuses_into(layer, outbound[0], pairs):
             output = f"fused into {outbound[0].name}"
         else:
@@ -640,6 +646,8 @@ def quantization_plan(model: tf_keras.Model, cfg: QuantConfig) -> list[dict]:
         entry = {"layer": layer.name, "type": _describe(layer), "output": output}
         if config.kernel is not None:
             entry.update(kernel=config.kernel, weight_bits=config.weight_bits)
+            if getattr(config.kernel_quantizer, "learned", False):
+                entry["kernel_range"] = "learned"
         if layer.name in folds_into:
             entry["bn"] = f"{folds_into[layer.name]} folded in"
         if isinstance(layer, QuantBatchNorm):

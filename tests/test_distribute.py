@@ -104,7 +104,8 @@ def test_synchronized_bn_makes_training_independent_of_the_replica_count(tmp_pat
 
     # Learned ranges as well: LSQ's gradient scale counts the global batch, and the range starts
     # at the global batch's extent.
-    learned = ("phase=quant", SYNC, init, "quant.range=learned", NO_EXPORT)
+    learned = ("phase=quant", SYNC, init, "quant.range=learned", "quant.learned_max_bits=8",
+               NO_EXPORT)
     _train(f"run.dir={tmp_path / 'learned_one'}", *learned)
     _train(f"run.dir={tmp_path / 'learned_mirrored'}", *learned, *MIRRORED)
     worst, keys = _largest_difference(tmp_path / "learned_one" / "quant",

@@ -88,7 +88,8 @@ def _trained(digits, bn, weight_bits, activation_bits=8):
     model.compile(tf_keras.optimizers.Adam(3e-3), loss, ["accuracy"])
     model.fit(digits.x_train, digits.y_train, batch_size=64, epochs=8, verbose=0)
     cfg = QuantConfig(range="learned", bn=bn, weight_bits=weight_bits,
-                      activation_bits=activation_bits, input_range=[0.0, 1.0])
+                      activation_bits=activation_bits, input_range=[0.0, 1.0],
+                      learned_max_bits=8)  # the 8-bit ranges too: their path stays tested
     qmodel = quantize_model(model, cfg)
     qmodel.compile(tf_keras.optimizers.Adam(1e-3), loss, ["accuracy"])
     highs = [v for v in qmodel.variables if v.name.endswith("output_max:0")]
@@ -165,6 +166,38 @@ def _int8_values(tmp_path, detail):
                               experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     return interpreter.get_tensor(detail["index"])
+
+
+def test_only_ranges_up_to_learned_max_bits_are_learned():
+    """quant.learned_max_bits (default 7): at w4a8 the 4-bit kernels learn their ranges, the
+    8-bit activations and the 8-bit end kernels keep EMA/extent ranges; plan.json says which."""
+    from qat.models import build_model
+    from qat.quantize import ActivationQuantizer, quantization_plan, quantize_model
+
+    model = build_model(ModelConfig(width=4), (16, 16, 1), 10)
+
+    def learned_bits(cfg):
+        qmodel = quantize_model(model, cfg)
+        kernels, outputs = set(), set()
+        for layer in qmodel.layers:
+            for _, quantizer, _ in getattr(layer, "_weight_vars", []):
+                kernels.add((quantizer.num_bits, getattr(quantizer, "learned", False)))
+            for quantizer in getattr(layer, "_output_quantizers", None) or []:
+                if isinstance(quantizer, ActivationQuantizer):
+                    outputs.add((quantizer.num_bits, quantizer.learned))
+        return kernels, outputs
+
+    cfg = QuantConfig(range="learned", weight_bits=4, activation_bits=8)
+    assert learned_bits(cfg) == ({(4, True), (8, False)}, {(8, False)})
+    every = QuantConfig(range="learned", weight_bits=4, activation_bits=8, learned_max_bits=8)
+    assert learned_bits(every) == ({(4, True), (8, True)}, {(8, True)})
+    w4a4 = QuantConfig(range="learned", weight_bits=4, activation_bits=4)
+    assert learned_bits(w4a4)[1] == {(4, True), (8, False)}  # the classifier's input: 8 bits
+    plan = {entry["layer"]: entry for entry in quantization_plan(model, w4a4)}
+    assert any(entry.get("kernel_range") == "learned" for entry in plan.values())
+    assert any("learned" in entry.get("output", "") for entry in plan.values())
+    assert all(entry.get("kernel_range") != "learned" for entry in plan.values()
+               if entry.get("weight_bits") == 8)
 
 
 def test_ends_stay_at_8_bits_below_8_bits():
