@@ -115,13 +115,18 @@ def _file_scales(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bn, weight_bits, agreement", [("params", 8, 0.995), ("fold", 4, 0.99)])
+# Argmax agreement of file and QAT model over all 1796 embedded images (on the 359 validation
+# images alone one near-tie is 0.28 %). w8a8 measured 1.000, meeting issue #13's 99.9 %; w4a8
+# measured 0.9983 (fold) and 0.9989 (params): 2-3 near-ties that TFLite's integer kernels round
+# the other way, short of 99.9 % (issue #13 stays open on it).
+@pytest.mark.parametrize("bn, weight_bits, agreement", [("params", 8, 0.999), ("fold", 4, 0.998)])
 def test_learned_ranges_reach_the_int8_file_unchanged(digits, tmp_path, bn, weight_bits,
                                                       agreement):
     """The file computes the learned-range QAT model: logit error at the level of EMA ranges
-    (a range copied wrong measured 0.12-0.14 here), ranges found in the file. At 4 bits a few
-    near-ties flip between TFLite's integer kernels and the float simulation (README)."""
+    (a range copied wrong measured 0.12-0.14 here), ranges found in the file, argmax agreement
+    over every embedded image."""
     from qat.api import export_model
+    from qat.export import TFLiteModel
     from qat.quantize import MIN_RATIO, ActivationQuantizer
 
     model, qmodel, cfg = _trained(digits, bn, weight_bits)
@@ -141,7 +146,11 @@ def test_learned_ranges_reach_the_int8_file_unchanged(digits, tmp_path, bn, weig
     assert learned
 
     report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path), cfg)
-    assert report["int8_agreement"] >= agreement and report["int8_float_ops"] == []
+    assert report["int8_agreement"] >= 0.99 and report["int8_float_ops"] == []
+    images = np.concatenate([digits.x_train, digits.x_val])
+    file_logits = TFLiteModel(str(tmp_path / "model_int8.tflite"))(images)
+    qat_logits = qmodel.predict(images, batch_size=256, verbose=0)
+    assert np.mean(file_logits.argmax(-1) == qat_logits.argmax(-1)) >= agreement
     assert report["int8_logit_error"] < 0.02
     assert report["tflite_int8_accuracy"] > 0.9
     tensors = _file_scales(str(tmp_path / "model_int8.tflite"))
