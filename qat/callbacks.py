@@ -101,6 +101,11 @@ class FreezeBatchNormAfter(tf_keras.callbacks.Callback):
         self.after_steps = after_steps
         self.frozen = False
 
+    def on_train_begin(self, logs=None):
+        for layer in self.bn_layers:  # the step fit traces must read the freeze switch
+            layer.freezable = True
+        self.model.make_train_function(force=True)
+
     def on_train_batch_begin(self, batch, logs=None):
         if not self.frozen and int(self.model.optimizer.iterations.numpy()) >= self.after_steps:
             set_switches(self.model, freeze=True, layers=self.bn_layers)

@@ -29,7 +29,7 @@ def calibrate(qmodel: tf_keras.Model, images: Iterable) -> int:
     quantizers = activation_quantizers(qmodel)
     saved = [(q, q.ema_decay) for q in quantizers]
     bns = batchnorm_layers(qmodel)
-    frozen = [int(bn.freeze_switch.numpy()) for bn in bns]
+    frozen = [(int(bn.freeze_switch.numpy()), bn.freezable) for bn in bns]
     count = 0
     try:
         set_switches(qmodel, freeze=True)
@@ -40,8 +40,9 @@ def calibrate(qmodel: tf_keras.Model, images: Iterable) -> int:
     finally:
         for q, decay in saved:
             q.ema_decay = decay
-        for bn, was in zip(bns, frozen, strict=True):
+        for bn, (was, freezable) in zip(bns, frozen, strict=True):
             bn.freeze_switch.assign(was)
+            bn.freezable = freezable
     return count
 
 
