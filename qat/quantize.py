@@ -234,6 +234,12 @@ class FoldedKernelQuantizer(tfq.quantizers.Quantizer):
             return {}
         channels = int(tensor_shape[-1]) * (int(tensor_shape[-2]) if self.depthwise else 1)
         shape = (channels,) if self.per_channel else ()
+        # tfmot's QuantizeWrapperV2 lists the wrapped layer's weights first only if that layer
+        # was built before the wrapper (quantize_apply), not when a saved model is rebuilt:
+        # list them first here too, or an .h5 reload assigns the kernel to the ratio.
+        for weight in getattr(layer, "layer", layer).trainable_weights:
+            if not any(weight is known for known in layer._trainable_weights):
+                layer._trainable_weights.append(weight)
         return {"ratio": layer.add_weight(f"{name}_ratio", shape=shape, initializer="ones",
                                           trainable=True)}
 

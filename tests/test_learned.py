@@ -278,3 +278,24 @@ def test_four_bit_activations_are_int8_tensors_on_a_16_level_grid(digits, tmp_pa
         assert values.min() >= -128 and values.max() <= -128 + 15, values
         file_step = out["quantization_parameters"]["scales"][0]
         assert min(abs(file_step - s) / s for s in steps) < 1e-4
+
+
+def test_a_learned_range_qat_model_reloads_from_h5(tmp_path):
+    """The kernel ratios follow the kernels in the wrapper's weight list whether or not the
+    wrapped layer was built first, so an .h5 reload puts every value back where it was (before:
+    'kernel_ratio ... (4,) ... (3, 3, 4, 4)' shape mismatch)."""
+    from qat.models import build_model
+    from qat.quantize import quantize_model, quantize_scope
+
+    model = build_model(ModelConfig(width=4), (16, 16, 1), 10)
+    qmodel = quantize_model(model, QuantConfig(range="learned", weight_bits=4,
+                                               activation_bits=4))
+    x = np.random.default_rng(0).uniform(0, 1, (8, 16, 16, 1)).astype(np.float32)
+    qmodel(x, training=True)  # the first batch sets the activation ranges
+    for variable in qmodel.trainable_variables:  # ratios away from 1, so a swap would show
+        if "ratio" in variable.name:
+            variable.assign(tf.fill(variable.shape, 0.8))
+    qmodel.save(tmp_path / "qat.h5")
+    with quantize_scope():
+        reloaded = tf_keras.models.load_model(tmp_path / "qat.h5", compile=False)
+    np.testing.assert_array_equal(reloaded(x).numpy(), qmodel(x).numpy())
