@@ -44,7 +44,8 @@ def test_calibration_averages_the_batch_extents():
 def test_calibration_changes_no_weight_and_no_batchnorm_statistic():
     tf_keras.utils.set_random_seed(0)
     inputs = tf_keras.Input((8, 8, 3))
-    x = tf_keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    x = tf_keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inputs)  # named: Keras'
+    # default names count up across the tests a worker has run
     x = tf_keras.layers.ReLU()(tf_keras.layers.BatchNormalization()(x))
     x = tf_keras.layers.GlobalAveragePooling2D()(x)
     model = prepare(tf_keras.Model(inputs, tf_keras.layers.Dense(3)(x)))
@@ -60,7 +61,7 @@ def test_calibration_changes_no_weight_and_no_batchnorm_statistic():
             np.testing.assert_array_equal(getattr(bn, name).numpy(),
                                           getattr(float_bn, name).numpy())
         assert int(bn.freeze_switch.numpy()) == 0  # frozen for calibration only
-        ((kernel, _, _),) = qmodel.get_layer("quant_conv2d")._weight_vars  # the variable
-        np.testing.assert_array_equal(kernel.numpy(), model.get_layer("conv2d").kernel.numpy())
+        ((kernel, _, _),) = qmodel.get_layer("quant_conv")._weight_vars  # the variable
+        np.testing.assert_array_equal(kernel.numpy(), model.get_layer("conv").kernel.numpy())
         ranges = [q for q in activation_quantizers(qmodel) if q.fixed_range is None]
         assert ranges and all(q.num_bits == bits for q in ranges)
