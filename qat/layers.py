@@ -166,15 +166,13 @@ class QuantBatchNorm(tf_keras.layers.Layer):
             if not training:
                 y = with_moving_stats()[0]
                 return y[:, 0, 0, :] if rank2 else y
-        if training is True and not self.freezable:
-            use_batch = tf.constant(True)
-        else:
-            use_batch = tf.logical_and(tf.cast(training, tf.bool),
-                                       tf.equal(self.freeze_switch, 0))
+        batch_only = training is True and not self.freezable  # no freeze asked for: no tf.cond
+        use_batch = tf.constant(True) if batch_only else tf.logical_and(
+            tf.cast(training, tf.bool), tf.equal(self.freeze_switch, 0))
         if self.synchronized:
             y, new_mean, new_variance = self._synchronized_batch_norm(x, gamma, beta, use_batch,
                                                                       rank2)
-        elif training is True and not self.freezable:
+        elif batch_only:
             y, new_mean, new_variance = with_batch_stats()
         else:
             y, new_mean, new_variance = tf.cond(use_batch, with_batch_stats, with_moving_stats)
