@@ -116,15 +116,16 @@ def _file_scales(path):
 
 @pytest.mark.slow
 # Argmax agreement of file and QAT model over all 1796 embedded images (on the 359 validation
-# images alone one near-tie is 0.28 %). w8a8 measured 1.000, meeting issue #13's 99.9 %; w4a8
-# measured 0.9983 (fold) and 0.9989 (params): 2-3 near-ties that TFLite's integer kernels round
-# the other way, short of 99.9 % (issue #13 stays open on it).
+# images alone one near-tie is 0.28 %). w8a8 measured 1.000. w4a8 measured 0.9983 (fold) and
+# 0.9989 (params): each disagreement an exact tie in the QAT model's int8 logits (6 ties, 3
+# broken the other way by a 1-step rounding of TFLite's integer kernels; its reference and
+# XNNPACK kernels agree on 0.9989 of this file). Counting ties as agreement: 1.000 for both.
 @pytest.mark.parametrize("bn, weight_bits, agreement", [("params", 8, 0.999), ("fold", 4, 0.998)])
 def test_learned_ranges_reach_the_int8_file_unchanged(digits, tmp_path, bn, weight_bits,
                                                       agreement):
     """The file computes the learned-range QAT model: logit error at the level of EMA ranges
     (a range copied wrong measured 0.12-0.14 here), ranges found in the file, argmax agreement
-    over every embedded image."""
+    over every embedded image, and where the argmax differ, the QAT model's logits tie."""
     from qat.api import export_model
     from qat.export import TFLiteModel
     from qat.quantize import MIN_RATIO, ActivationQuantizer
@@ -151,6 +152,9 @@ def test_learned_ranges_reach_the_int8_file_unchanged(digits, tmp_path, bn, weig
     file_logits = TFLiteModel(str(tmp_path / "model_int8.tflite"))(images)
     qat_logits = qmodel.predict(images, batch_size=256, verbose=0)
     assert np.mean(file_logits.argmax(-1) == qat_logits.argmax(-1)) >= agreement
+    chosen = np.take_along_axis(qat_logits, file_logits.argmax(-1)[:, None], -1)[:, 0]
+    tied = chosen == qat_logits.max(-1)  # the file's class is a QAT top class (int8 logits)
+    assert np.mean(tied) >= 0.999, np.sort(qat_logits[~tied], -1)[:, -3:]
     assert report["int8_logit_error"] < 0.02
     assert report["tflite_int8_accuracy"] > 0.9
     tensors = _file_scales(str(tmp_path / "model_int8.tflite"))
