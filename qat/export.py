@@ -34,6 +34,7 @@ from qat.quantize import (
     RANGE_FLOOR,
     DepthwiseKernelQuantizer,
     QuantizeLayer,
+    activation_quantizers,
     depthwise_output_channels,
     folding_pairs,
     quantize_model,
@@ -322,6 +323,8 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     # The converted model holds plain min/max ranges: learned ones are copied into them.
     qfolded = quantize_model(folded, dataclasses.replace(quant, range="ema"))
     store_low_bits_as_int8(qfolded)
+    for quantizer in activation_quantizers(qfolded):  # the converter rounds biases itself
+        quantizer.file_bias = False
     aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}
     _copy_activation_ranges(qmodel, qfolded, aliases)
     _set_kernel_ranges(qfolded)

@@ -31,6 +31,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
     QuantizeLayer,  # not exported by tfmot's public API, but what its own input transform adds
 )
 
+from qat.bias_grid import bias_rounding
 from qat.config import LayerOverride, QuantConfig
 from qat.distribute import replicas_in_sync
 from qat.errors import ConfigError
@@ -116,12 +117,17 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
         self.fixed_range = tuple(map(float, fixed_range)) if fixed_range else None
         # Set on the model the export converts (`store_low_bits_as_int8`), never in training.
         self.int8_storage = False
+        # Inference adds the int8 file's bias rounding (qat.bias_grid); off on the model the
+        # converter reads, whose biases the converter rounds itself.
+        self.file_bias = True
+        self._wrapper = None
 
     def build(self, tensor_shape, name, layer):
         constant = tf_keras.initializers.Constant
         # Under tf.distribute every replica assigns the same global-batch value (global_extent):
         # MEAN keeps it, whatever the replica count.
         mean = tf.VariableAggregation.MEAN
+        self._wrapper = weakref.ref(layer)
         low, high = self.fixed_range or (0.0 if self.relu else -INITIAL_RANGE, INITIAL_RANGE)
         return {
             "min_var": layer.add_weight(f"{name}_min", initializer=constant(low),
@@ -147,10 +153,18 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
             return fake_quant_activation(inputs, lo, hi, self.num_bits, relu=self.relu)
         if self.learned:
             lo, hi = usable_range(lo, hi, self.relu)
+        if not training:
+            inputs = self._with_file_bias(inputs)
         if self.int8_storage and self.num_bits < 8:
             return fake_quant_on_int8_grid(inputs, lo, hi, self.num_bits)
         return tf.quantization.fake_quant_with_min_max_vars(inputs, lo, hi,
                                                             num_bits=self.num_bits)
+
+    def _with_file_bias(self, inputs):
+        """`inputs` plus the bias rounding of the int8 op this quantizer closes, if any."""
+        wrapper = self._wrapper() if self._wrapper is not None else None
+        rounding = bias_rounding(wrapper) if self.file_bias and wrapper is not None else None
+        return inputs if rounding is None else inputs + rounding
 
     def _batch_extent(self, inputs):
         """[min(batch, 0), max(batch, 0)] of the global batch (the low end 0 for a ReLU)."""

@@ -1,0 +1,123 @@
+"""The int8 file's int32 bias grid, computed by the QAT model at inference.
+
+TFLite stores a conv/depthwise/dense bias as int32 on the grid input step × kernel step (per
+output channel), so the file adds round(B/g)·g where the QAT model adds B: up to half a step g,
+which the layer's output rounding turns into one-step flips. Measured on the digits convnet at
+w4a8: those flips were nearly all of the file's difference from the QAT model (mean 0.19 output
+steps at the logits; with the bias rounded, 0.003 against TFLite's default XNNPACK kernels).
+
+`bias_rounding(wrapper)` returns, for the output quantizer of `wrapper`, the per-channel
+difference round(B/g)·g − B of the int8 op it closes — a conv/depthwise/dense, then optionally
+the BN folded into it, then optionally a fused ReLU — or None for any other layer. The layers
+are found through the Keras graph when the model runs (as `FoldedKernelQuantizer` finds its BN),
+so a reloaded QAT model computes it too. Inference only: training keeps its gradients as they
+were, and with batch statistics there is no file to match.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from qat.graph import consumers, producers
+from qat.layers import QuantBatchNorm
+from qat.quant_ops import nudged_range
+from qat.rules import PASS, rule_for
+
+LINEAR = ("Conv2D", "DepthwiseConv2D", "Dense")
+
+
+def _inner(layer):
+    return getattr(layer, "layer", layer)
+
+
+def _single(layers: list):
+    return layers[0] if len(layers) == 1 else None
+
+
+def _linear_group(wrapper):
+    """(linear wrapper, BN wrapper or None) of the int8 op whose output `wrapper` quantizes."""
+    last = wrapper
+    if type(_inner(wrapper)).__name__ == "FusedReLU":
+        last = _single(producers(wrapper))
+        if last is None or consumers(last) != [wrapper]:
+            return None
+    bn = None
+    if isinstance(_inner(last), QuantBatchNorm):
+        bn, last = last, _single(producers(last))
+        if last is None or consumers(last) != [bn]:
+            return None
+    inner = _inner(last)
+    if type(inner).__name__ not in LINEAR or not getattr(last, "_weight_vars", None):
+        return None
+    if inner.get_config().get("activation", "linear") not in ("linear", None):
+        return None  # an activation inside the layer comes before this quantizer
+    return last, bn
+
+
+def _input_step(linear):
+    """The step of the int8 tensor `linear` reads: its nearest producer with an output range,
+    up through layers that pass their input's grid on (padding, max pooling, reshapes)."""
+    from qat.quantize import usable_range
+
+    layer = linear
+    while True:
+        layer = _single(producers(layer))
+        if layer is None:
+            return None
+        quantizer = getattr(layer, "quantizer", None)  # tfmot's QuantizeLayer (model input)
+        ranges = getattr(layer, "quantizer_vars", None)
+        if quantizer is None:
+            quantizers = getattr(layer, "_output_quantizers", None) or []
+            quantizer = quantizers[0] if quantizers else None
+            ranges = getattr(layer, "_output_quantizer_vars", None)
+        if quantizer is not None:
+            if not hasattr(quantizer, "relu") or not ranges or "max_var" not in ranges:
+                return None  # not qat's activation quantizer: its grid is unknown here
+            low, high = nudged_range(*usable_range(ranges["min_var"], ranges["max_var"],
+                                                   quantizer.relu), quantizer.num_bits)
+            return (high - low) / (2.0**quantizer.num_bits - 1.0)
+        if getattr(rule_for(_inner(layer)), "output", None) != PASS:
+            return None
+
+
+def _kernel_steps(linear, multiplier):
+    """Per-output-channel step of the kernel the file stores: the quantized kernel (times the
+    folded BN multiplier) over its extent, on the int8 grid that holds its bits (`qat.export`)."""
+    from qat.quantize import RANGE_FLOOR, depthwise_output_channels
+
+    weight, quantizer, qvars = linear._weight_vars[0]
+    kernel = quantizer(weight, False, qvars)
+    if type(_inner(linear)).__name__ == "DepthwiseConv2D":
+        kernel = depthwise_output_channels(kernel)
+    kernel = tf.reshape(kernel, (-1, kernel.shape[-1]))
+    if multiplier is not None:
+        kernel = kernel * multiplier
+    extent = tf.reduce_max(tf.abs(kernel), axis=0)
+    if not getattr(quantizer, "per_channel", getattr(quantizer, "per_axis", True)):
+        extent = tf.reduce_max(extent)
+    bits = quantizer.num_bits
+    levels = 2 ** (bits - 1) - 1
+    divisor = 127 if bits >= 8 else levels * (127 // levels)
+    return tf.maximum(extent, RANGE_FLOOR) / divisor
+
+
+def bias_rounding(wrapper) -> tf.Tensor | None:
+    """round(B/g)·g − B per output channel of the int8 op `wrapper`'s output quantizer closes
+    (None when it closes no conv/depthwise/dense, or the input grid is unknown)."""
+    group = _linear_group(wrapper)
+    if group is None:
+        return None
+    linear, bn = group
+    input_step = _input_step(linear)
+    if input_step is None:
+        return None
+    inner = _inner(linear)
+    bias = inner.bias if getattr(inner, "use_bias", False) else 0.0
+    multiplier = None
+    if bn is not None:
+        layer = _inner(bn)
+        gamma, beta, mean, variance = layer.effective_params()
+        multiplier = gamma * tf.math.rsqrt(variance + layer.epsilon)
+        bias = multiplier * (bias - mean) + beta
+    step = input_step * _kernel_steps(linear, multiplier)
+    return tf.stop_gradient((tf.round(bias / step) - bias / step) * step)
