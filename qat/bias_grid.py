@@ -7,8 +7,11 @@ w4a8: those flips were nearly all of the file's difference from the QAT model (m
 steps at the logits; with the bias rounded, 0.003 against TFLite's default XNNPACK kernels).
 
 `bias_rounding(wrapper)` returns, for the output quantizer of `wrapper`, the per-channel
-difference round(B/g)·g − B of the int8 op it closes — a conv/depthwise/dense, then optionally
-the BN folded into it, then optionally a fused ReLU — or None for any other layer. The layers
+difference round(B/g)·g − B of the int8 op it closes — a conv/depthwise/dense (its own ReLU or
+ReLU6 included), then optionally the BN folded into it, then optionally a ReLU or ReLU6 that
+TFLite fuses — or None for any other layer. After a ReLU the difference is added to the clamped
+value: the same output, since it is below half an output step (it is a fraction of the
+accumulator step g) and the clamp's ends 0 and 6 are grid points or the range's ends. The layers
 are found through the Keras graph when the model runs (as `FoldedKernelQuantizer` finds its BN),
 so a reloaded QAT model computes it too. Inference only: training keeps its gradients as they
 were, and with batch statistics there is no file to match.
@@ -21,9 +24,10 @@ import tensorflow as tf
 from qat.graph import consumers, producers
 from qat.layers import QuantBatchNorm
 from qat.quant_ops import nudged_range
-from qat.rules import PASS, rule_for
+from qat.rules import PASS, is_fusable_relu, rule_for
 
 LINEAR = ("Conv2D", "DepthwiseConv2D", "Dense")
+ACTIVATIONS = ("linear", None, "relu", "relu6")  # fused into the op: added after, same output
 
 
 def _inner(layer):
@@ -34,23 +38,29 @@ def _single(layers: list):
     return layers[0] if len(layers) == 1 else None
 
 
+def _fused_producer(layer):
+    """The single producer of `layer` if it feeds nothing else and has no output range of its
+    own: the converter merges it into `layer`'s op."""
+    producer = _single(producers(layer))
+    if producer is None or consumers(producer) != [layer] or \
+            getattr(producer, "_output_quantizers", None):
+        return None
+    return producer
+
+
 def _linear_group(wrapper):
     """(linear wrapper, BN wrapper or None) of the int8 op whose output `wrapper` quantizes."""
     last = wrapper
-    if type(_inner(wrapper)).__name__ == "FusedReLU":
-        last = _single(producers(wrapper))
-        if last is None or consumers(last) != [wrapper]:
-            return None
+    if type(_inner(wrapper)).__name__ == "FusedReLU" or is_fusable_relu(_inner(wrapper)):
+        last = _fused_producer(wrapper)
     bn = None
-    if isinstance(_inner(last), QuantBatchNorm):
-        bn, last = last, _single(producers(last))
-        if last is None or consumers(last) != [bn]:
-            return None
-    inner = _inner(last)
-    if type(inner).__name__ not in LINEAR or not getattr(last, "_weight_vars", None):
+    if last is not None and isinstance(_inner(last), QuantBatchNorm):
+        bn, last = last, _fused_producer(last)
+    if last is None or type(_inner(last)).__name__ not in LINEAR or \
+            not getattr(last, "_weight_vars", None):
         return None
-    if inner.get_config().get("activation", "linear") not in ("linear", None):
-        return None  # an activation inside the layer comes before this quantizer
+    if _inner(last).get_config().get("activation", "linear") not in ACTIVATIONS:
+        return None  # e.g. a sigmoid inside the layer: the rounding would come after it
     return last, bn
 
 
@@ -71,8 +81,9 @@ def _input_step(linear):
             quantizer = quantizers[0] if quantizers else None
             ranges = getattr(layer, "_output_quantizer_vars", None)
         if quantizer is not None:
-            if not hasattr(quantizer, "relu") or not ranges or "max_var" not in ranges:
-                return None  # not qat's activation quantizer: its grid is unknown here
+            if not hasattr(quantizer, "relu") or not ranges or "max_var" not in ranges \
+                    or quantizer.num_bits > 8:
+                return None  # not qat's activation quantizer, or no int8 tensor in a file
             low, high = nudged_range(*usable_range(ranges["min_var"], ranges["max_var"],
                                                    quantizer.relu), quantizer.num_bits)
             return (high - low) / (2.0**quantizer.num_bits - 1.0)
@@ -96,6 +107,8 @@ def _kernel_steps(linear, multiplier):
     if not getattr(quantizer, "per_channel", getattr(quantizer, "per_axis", True)):
         extent = tf.reduce_max(extent)
     bits = quantizer.num_bits
+    if bits > 8:
+        return None  # a quant-only run: no file to match
     levels = 2 ** (bits - 1) - 1
     divisor = 127 if bits >= 8 else levels * (127 // levels)
     return tf.maximum(extent, RANGE_FLOOR) / divisor
@@ -119,5 +132,8 @@ def bias_rounding(wrapper) -> tf.Tensor | None:
         gamma, beta, mean, variance = layer.effective_params()
         multiplier = gamma * tf.math.rsqrt(variance + layer.epsilon)
         bias = multiplier * (bias - mean) + beta
-    step = input_step * _kernel_steps(linear, multiplier)
+    kernel_steps = _kernel_steps(linear, multiplier)
+    if kernel_steps is None:
+        return None
+    step = input_step * kernel_steps
     return tf.stop_gradient((tf.round(bias / step) - bias / step) * step)

@@ -118,7 +118,8 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
         # Set on the model the export converts (`store_low_bits_as_int8`), never in training.
         self.int8_storage = False
         # Inference adds the int8 file's bias rounding (qat.bias_grid); off on the model the
-        # converter reads, whose biases the converter rounds itself.
+        # converter reads, whose biases the converter rounds itself. Read when a graph is
+        # traced: set it before the model's first predict/evaluate/conversion.
         self.file_bias = True
         self._wrapper = None
 
@@ -715,7 +716,8 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None) -> tf_
         config = layer.get_config()
         if isinstance(layer, QuantBatchNorm):
             config.update(bn_overrides)
-        fused = is_plain_relu(layer) and relu_fuses(layer, pairs)
+        # A skipped ReLU stays a ReLU: FusedReLU is the identity under a quantizer it has not.
+        fused = is_plain_relu(layer) and relu_fuses(layer, pairs) and layer.name not in skipped
         clone = FusedReLU(name=layer.name) if fused else layer.__class__.from_config(config)
         return tfq.quantize_annotate_layer(clone, configs[layer.name])
 

@@ -27,12 +27,31 @@ def _logits(qmodel, images, file_bias: bool) -> np.ndarray:
 
 # Measured (1796 images; mean |QAT − file| in steps of the int8 logits; argmax agreement):
 # convnet fold w4a4 0.00006 (1.000) with the bias rounded, 1.82 (0.991) with the float bias;
-# mobilenet params w8a8 0.0007 (1.000), 0.385 (0.995).
-@pytest.mark.parametrize("name, bn, bits", [("convnet", "fold", 4), ("mobilenet", "params", 8)])
+# mobilenet params w8a8 0.0007 (1.000), 0.385 (0.995); relu6 net w8a8 0.00006 (1.000), 0.035
+# (1.000).
+def _relu6_net(input_shape):
+    """ReLU6 after conv + BN and after depthwise + BN, a conv with its own ReLU, a biased conv
+    without BN (Keras BN, converted by qat.prepare)."""
+    from qat.api import prepare
+
+    layers = tf_keras.layers
+    inputs = tf_keras.Input(input_shape)
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = layers.ReLU(6.0)(layers.BatchNormalization()(x))
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = layers.ReLU(6.0)(layers.BatchNormalization()(x))
+    x = layers.Conv2D(16, 1, activation="relu")(x)
+    x = layers.Conv2D(16, 3, strides=2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return prepare(tf_keras.Model(inputs, layers.Dense(10)(x)))
+
+
+@pytest.mark.parametrize("name, bn, bits", [("convnet", "fold", 4), ("mobilenet", "params", 8),
+                                            ("relu6", "params", 8)])
 def test_the_qat_model_computes_the_int8_files_bias(digits, tmp_path, name, bn, bits):
-    """Conv, depthwise and dense biases, folded BNs in both modes, 4 and 8 bits: the file's
-    logits and the QAT model's differ by a few thousandths of a step on average, and by ten
-    times more where the QAT model adds its float bias instead."""
+    """Conv, depthwise and dense biases, folded BNs in both modes, ReLU6 and a conv's own ReLU,
+    4 and 8 bits: the file's logits and the QAT model's differ by a few thousandths of a step on
+    average, and by ten times more where the QAT model adds its float bias instead."""
     from qat.api import export_model
     from qat.export import TFLiteModel
     from qat.models import build_model
@@ -40,7 +59,8 @@ def test_the_qat_model_computes_the_int8_files_bias(digits, tmp_path, name, bn, 
 
     tf_keras.utils.set_random_seed(0)
     loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model = build_model(ModelConfig(name=name, width=8), digits.input_shape, 10)
+    model = _relu6_net(digits.input_shape) if name == "relu6" else build_model(
+        ModelConfig(name=name, width=8), digits.input_shape, 10)
     model.compile(tf_keras.optimizers.Adam(3e-3), loss)
     model.fit(digits.x_train, digits.y_train, batch_size=64, epochs=3, verbose=0)
     cfg = QuantConfig(bn=bn, weight_bits=bits, activation_bits=bits, input_range=[0.0, 1.0])

@@ -314,6 +314,21 @@ def test_per_layer_precision_and_the_written_plan():
     assert plan["pool"]["output"] == "int8 range (6 bits)"
 
 
+def test_a_skipped_relu_still_clamps():
+    """A ReLU that would fuse into its conv, skipped (left in float), stays a ReLU: before, it
+    became qat's identity FusedReLU without the quantizer that computes it, and negatives passed."""
+    from qat.config import LayerOverride
+
+    model = build_model(ModelConfig(width=4), (8, 8, 1), 10)
+    cfg = QuantConfig(layers={"block1a_relu": LayerOverride(skip=True)})
+    qmodel = quantize_model(model, cfg)
+    relu = tf_keras.Model(qmodel.inputs, _wrappers(qmodel)["block1a_relu"].output)
+    x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 1)).astype(np.float32)
+    qmodel(x, training=True)  # ranges from a first batch
+    out = relu(x, training=False).numpy()
+    assert out.min() >= 0.0 and out.max() > 0.0
+
+
 def test_a_layers_pattern_that_matches_nothing_is_refused():
     from qat.config import LayerOverride
     from qat.errors import ConfigError
