@@ -9,6 +9,7 @@ Accuracy is measured on the written .tflite files with ai-edge-litert, not on th
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import numbers
@@ -23,7 +24,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
-from qat.config import ExportConfig, QATConfig, QuantConfig
+from qat.config import ExportConfig, LayerOverride, QATConfig, QuantConfig
 from qat.data import Data, load_data
 from qat.errors import ConfigError, ExportError, QatError, report_error
 from qat.files import write_atomic, write_json
@@ -37,6 +38,7 @@ from qat.quantize import (
     activation_quantizers,
     depthwise_output_channels,
     folding_pairs,
+    layer_overrides,
     quantize_model,
     store_low_bits_as_int8,
     usable_range,
@@ -321,7 +323,7 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     fold_diff = check_parity(unfolded_logits, folded_logits, export.fold_tolerance)
 
     # The converted model holds plain min/max ranges: learned ones are copied into them.
-    qfolded = quantize_model(folded, dataclasses.replace(quant, range="ema"))
+    qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded))
     store_low_bits_as_int8(qfolded)
     for quantizer in activation_quantizers(qfolded):  # the converter rounds biases itself
         quantizer.file_bias = False
@@ -344,6 +346,25 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(staging, out_dir)
     return report
+
+
+def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model,
+                     folded: tf_keras.Model) -> QuantConfig:
+    """The QAT model's precision plan, layer by layer, for the folded model the converter reads.
+    Resolved on the folded model itself, `quant.ends_8_bits` could pick other ends: a BN with
+    nothing to fold into becomes a kernel layer there, so a BN right after the input took the
+    stem conv's 8 bits and the stem went 4-bit in the file, 8-bit in QAT."""
+    resolved = layer_overrides(unfolded, quant)
+    layers = {}
+    for layer in folded.layers:
+        if isinstance(layer, tf_keras.layers.InputLayer):
+            continue
+        override = resolved.get(layer.name, LayerOverride())
+        layers[glob.escape(layer.name)] = LayerOverride(
+            weight_bits=override.weight_bits or quant.weight_bits,
+            activation_bits=override.activation_bits or quant.activation_bits,
+            skip=override.skip)
+    return dataclasses.replace(quant, range="ema", layers=layers)
 
 
 def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, batches: Batches,

@@ -434,3 +434,51 @@ def test_low_bit_kernels_are_stored_where_the_file_rounds_as_qat_does(tmp_path):
         assert values.dtype == np.int8 and not np.any(values % 18)
         assert np.abs(values).max() == 7 * 18
     assert report["int8_agreement"] == 1.0 and report["int8_logit_error"] < 0.01
+
+
+def test_a_bn_after_the_input_leaves_the_stem_at_8_bits_in_the_file(tmp_path):
+    """Below 8 bits the stem conv keeps 8 bits (quant.ends_8_bits). A BN right after the input
+    becomes a kernel layer only in the folded model; the file once took it for the stem and
+    stored the real stem on the 4-bit grid the QAT model never used."""
+    import tf_keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    from qat.api import export_model, prepare
+    from qat.config import QuantConfig
+    from qat.quantize import quantize_model
+
+    layers = tf_keras.layers
+    tf_keras.utils.set_random_seed(0)
+    digits = load_arrays(DataConfig())
+    inputs = tf_keras.Input(digits.input_shape)
+    x = layers.BatchNormalization(name="in_bn")(inputs)
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(x)
+    x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="mid")(x)
+    x = layers.ReLU(name="mid_relu")(layers.BatchNormalization(name="mid_bn")(x))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    model = prepare(tf_keras.Model(inputs, layers.Dense(10, name="logits")(x)))
+    cfg = QuantConfig(weight_bits=4, input_range=[0.0, 1.0])
+    qmodel = quantize_model(model, cfg)
+    qmodel.compile(tf_keras.optimizers.Adam(3e-3),
+                   tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qmodel.fit(digits.x_train, digits.y_train, batch_size=64, epochs=2, verbose=0)
+    stem_bits = {wrapper.layer.name: wrapper._weight_vars[0][1].num_bits
+                 for wrapper in qmodel.layers if getattr(wrapper, "_weight_vars", None)}
+    assert stem_bits["stem"] == 8 and stem_bits["mid"] == 4
+    report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path), cfg)
+
+    interpreter = Interpreter(model_path=str(tmp_path / "model_int8.tflite"),
+                              experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    kernels = {d["name"]: interpreter.get_tensor(d["index"])
+               for d in interpreter.get_tensor_details()
+               if d["dtype"] == np.int8 and len(d["shape"]) == 4 and d["shape"][0] == 8}
+    stem = [v for name, v in kernels.items() if "stem" in name]
+    mid = [v for name, v in kernels.items() if "mid" in name]
+    assert len(stem) == 1 and len(mid) == 1
+    # Each output channel's extent is the top level of its grid: 127 for 8 bits, 7 × 18 = 126
+    # for 4 bits stored as int8 (the bug: the 8-bit stem re-gridded onto 126 levels).
+    assert set(np.abs(stem[0]).max(axis=(1, 2, 3))) == {127}
+    assert set(np.abs(mid[0]).max(axis=(1, 2, 3))) == {126} and not np.any(mid[0] % 18)
+    assert report["int8_agreement"] >= 0.999 and report["int8_logit_error"] < 0.001  # 1.0, 0.0
