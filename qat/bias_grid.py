@@ -8,8 +8,9 @@ steps at the logits; with the bias rounded, 0.003 against TFLite's default XNNPA
 
 `bias_rounding(wrapper)` returns, for the output quantizer of `wrapper`, the per-channel
 difference round(B/g)·g − B of the int8 op it closes — a conv/depthwise/dense (its own ReLU or
-ReLU6 included), then optionally the BN folded into it, then optionally a ReLU or ReLU6 that
-TFLite fuses — or None for any other layer. After a ReLU the difference is added to the clamped
+ReLU6 included) and optionally the BN folded into it, or a BN with nothing to fold into (a 1×1
+depthwise conv in the file, its multiplier an 8-bit kernel), then optionally a ReLU or ReLU6
+that TFLite fuses — or None for any other layer. After a ReLU the difference is added to the clamped
 value: the same output, since it is below half an output step (it is a fraction of the
 accumulator step g) and the clamp's ends 0 and 6 are grid points or the range's ends. The layers
 are found through the Keras graph when the model runs (as `FoldedKernelQuantizer` finds its BN),
@@ -48,20 +49,23 @@ def _fused_producer(layer):
     return producer
 
 
-def _linear_group(wrapper):
-    """(linear wrapper, BN wrapper or None) of the int8 op whose output `wrapper` quantizes."""
+def _is_linear(layer) -> bool:
+    inner = _inner(layer)
+    return (type(inner).__name__ in LINEAR and bool(getattr(layer, "_weight_vars", None))
+            and inner.get_config().get("activation", "linear") in ACTIVATIONS)
+
+
+def _op_group(wrapper):
+    """(linear wrapper or None, BN wrapper or None) of the int8 op whose output `wrapper`
+    quantizes: a linear layer with the BN folded into it, a linear layer alone, or a BN with
+    nothing to fold into (the export's 1×1 depthwise conv); None for any other op."""
     last = wrapper
     if type(_inner(wrapper)).__name__ == "FusedReLU" or is_fusable_relu(_inner(wrapper)):
         last = _fused_producer(wrapper)
-    bn = None
     if last is not None and isinstance(_inner(last), QuantBatchNorm):
-        bn, last = last, _fused_producer(last)
-    if last is None or type(_inner(last)).__name__ not in LINEAR or \
-            not getattr(last, "_weight_vars", None):
-        return None
-    if _inner(last).get_config().get("activation", "linear") not in ACTIVATIONS:
-        return None  # e.g. a sigmoid inside the layer: the rounding would come after it
-    return last, bn
+        linear = _fused_producer(last)
+        return (linear, last) if linear is not None and _is_linear(linear) else (None, last)
+    return (last, None) if last is not None and _is_linear(last) else None
 
 
 def _input_step(linear):
@@ -116,23 +120,29 @@ def _kernel_steps(linear, multiplier):
 
 def bias_rounding(wrapper) -> tf.Tensor | None:
     """round(B/g)·g − B per output channel of the int8 op `wrapper`'s output quantizer closes
-    (None when it closes no conv/depthwise/dense, or the input grid is unknown)."""
-    group = _linear_group(wrapper)
+    (None when it closes no conv/depthwise/dense or lone BN, or the input grid is unknown)."""
+    from qat.quantize import RANGE_FLOOR
+
+    group = _op_group(wrapper)
     if group is None:
         return None
     linear, bn = group
-    input_step = _input_step(linear)
+    input_step = _input_step(linear or bn)
     if input_step is None:
         return None
-    inner = _inner(linear)
-    bias = inner.bias if getattr(inner, "use_bias", False) else 0.0
+    bias = 0.0
+    if linear is not None and getattr(_inner(linear), "use_bias", False):
+        bias = _inner(linear).bias
     multiplier = None
     if bn is not None:
         layer = _inner(bn)
         gamma, beta, mean, variance = layer.effective_params()
         multiplier = gamma * tf.math.rsqrt(variance + layer.epsilon)
         bias = multiplier * (bias - mean) + beta
-    kernel_steps = _kernel_steps(linear, multiplier)
+    if linear is None:  # the export stores the multiplier as an 8-bit 1×1 depthwise kernel
+        kernel_steps = tf.maximum(tf.abs(multiplier), RANGE_FLOOR) / 127.0
+    else:
+        kernel_steps = _kernel_steps(linear, multiplier)
     if kernel_steps is None:
         return None
     step = input_step * kernel_steps

@@ -29,6 +29,7 @@ from qat.data import Data, load_data
 from qat.errors import ConfigError, ExportError, QatError, report_error
 from qat.files import write_atomic, write_json
 from qat.fold import check_parity, dequantized_float_model, fold_batchnorms
+from qat.layers import QuantBatchNorm
 from qat.lock import run_lock
 from qat.ptq import simulated_ptq_model
 from qat.quantize import (
@@ -355,13 +356,18 @@ def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model,
     nothing to fold into becomes a kernel layer there, so a BN right after the input took the
     stem conv's 8 bits and the stem went 4-bit in the file, 8-bit in QAT."""
     resolved = layer_overrides(unfolded, quant)
+    # A BN with nothing to fold into: its multiplier, one value per channel, is exact at any
+    # bits; 8 bits gives it the int32 bias grid the QAT model computes (qat.bias_grid).
+    pairs = folding_pairs(unfolded)
+    lone_bns = {layer.name for layer in unfolded.layers
+                if isinstance(layer, QuantBatchNorm) and layer.name not in pairs}
     layers = {}
     for layer in folded.layers:
         if isinstance(layer, tf_keras.layers.InputLayer):
             continue
         override = resolved.get(layer.name, LayerOverride())
         layers[glob.escape(layer.name)] = LayerOverride(
-            weight_bits=override.weight_bits or quant.weight_bits,
+            weight_bits=8 if layer.name in lone_bns else override.weight_bits or quant.weight_bits,
             activation_bits=override.activation_bits or quant.activation_bits,
             skip=override.skip)
     return dataclasses.replace(quant, range="ema", layers=layers)
