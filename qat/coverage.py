@@ -141,8 +141,10 @@ def table(rows: list[dict]) -> str:
         "`agreement`: share of images where the file's argmax equals the QAT model's; "
         "`logit err`: mean |file − QAT logit| / std of the QAT logits; `runtime floor`: "
         "agreement of the same file with itself between TFLite's default (XNNPACK) and "
-        "reference int8 kernels — two correct runtimes, so agreement with QAT cannot be "
-        "expected above it. tfmot: `quantize_model`, one training step, full-int8 conversion.",
+        "reference int8 kernels, two correct runtimes (the reference kernels round each "
+        "requantization twice). The QAT model computes the file's int32 bias rounding "
+        "(qat.bias_grid), as XNNPACK runs it, so agreement may exceed that floor. "
+        "tfmot: `quantize_model`, one training step, full-int8 conversion.",
         "",
         "| arch | input | Keras BNs | float acc (epochs) | qat | int8 acc | agreement | logit err "
         "| runtime floor | float ops left | tfmot | tfmot int8 acc |",
@@ -157,7 +159,8 @@ def table(rows: list[dict]) -> str:
         qat = r.get("qat", "fails") + (
             f" ({r['qat_epochs']} QAT epochs)" if r.get("qat_epochs", QAT_EPOCHS) != QAT_EPOCHS
             else "")
-        kwargs = ", ".join(f"{k}={v:g}" for k, v in r.get("kwargs", {}).items())
+        kwargs = ", ".join(f"{k}={v:g}" if type(v) in (int, float) else f"{k}={v}"
+                           for k, v in r.get("kwargs", {}).items())
         arch = f"{r['arch']} ({kwargs})" if kwargs else r["arch"]
         lines.append(
             f"| {arch} | {r.get('input', '')} | {r.get('keras_bn', '')} | "
