@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from qat.graph import consumers, producers
 from qat.layers import QuantBatchNorm
-from qat.quant_ops import nudged_range
+from qat.quant_ops import RANGE_FLOOR, depthwise_output_channels, nudged_range, usable_range
 from qat.rules import PASS, is_fusable_relu, rule_for
 
 LINEAR = ("Conv2D", "DepthwiseConv2D", "Dense")
@@ -71,8 +71,6 @@ def _op_group(wrapper):
 def _input_step(linear):
     """The step of the int8 tensor `linear` reads: its nearest producer with an output range,
     up through layers that pass their input's grid on (padding, max pooling, reshapes)."""
-    from qat.quantize import usable_range
-
     layer = linear
     while True:
         layer = _single(producers(layer))
@@ -98,8 +96,6 @@ def _input_step(linear):
 def _kernel_steps(linear, multiplier):
     """Per-output-channel step of the kernel the file stores: the quantized kernel (times the
     folded BN multiplier) over its extent, on the int8 grid that holds its bits (`qat.export`)."""
-    from qat.quantize import RANGE_FLOOR, depthwise_output_channels
-
     weight, quantizer, qvars = linear._weight_vars[0]
     kernel = quantizer(weight, False, qvars)
     if type(_inner(linear)).__name__ == "DepthwiseConv2D":
@@ -121,8 +117,6 @@ def _kernel_steps(linear, multiplier):
 def bias_rounding(wrapper) -> tf.Tensor | None:
     """round(B/g)·g − B per output channel of the int8 op `wrapper`'s output quantizer closes
     (None when it closes no conv/depthwise/dense or lone BN, or the input grid is unknown)."""
-    from qat.quantize import RANGE_FLOOR
-
     group = _op_group(wrapper)
     if group is None:
         return None

@@ -21,6 +21,23 @@ import math
 
 import tensorflow as tf
 
+RANGE_FLOOR = 1e-6  # a learned range never collapses below this width
+
+
+def depthwise_output_channels(kernel):
+    """A kh×kw×C×M depthwise kernel as kh×kw×1×(C·M): the last axis is then the output channel,
+    as in TFLite's 1×kh×kw×(C·M) layout. Works on tensors and NumPy arrays alike."""
+    kh, kw, c, m = kernel.shape
+    return tf.reshape(kernel, (kh, kw, 1, c * m))
+
+
+def usable_range(lo, hi, relu: bool = False):
+    """An activation range as the fake-quant uses it: a trained range may drift past zero or
+    collapse, so [min(lo, 0), at least RANGE_FLOOR above]. A no-op for EMA ranges; the export
+    copies ranges through it too."""
+    low = tf.zeros([]) if relu else tf.minimum(lo, 0.0)
+    return low, tf.maximum(hi, low + RANGE_FLOOR)
+
 
 def value_range(x: tf.Tensor, *, symmetric: bool, per_channel: bool, num_bits: int,
                 narrow_range: bool) -> tuple[tf.Tensor, tf.Tensor]:

@@ -38,10 +38,13 @@ from qat.errors import ConfigError
 from qat.graph import consumers, producers
 from qat.layers import CUSTOM_OBJECTS, QuantBatchNorm
 from qat.quant_ops import (
+    RANGE_FLOOR,
+    depthwise_output_channels,
     fake_quant,
     fake_quant_activation,
     fake_quant_on_int8_grid,
     learned_fake_quant,
+    usable_range,
 )
 from qat.rules import (
     FUSES_RELU,
@@ -62,23 +65,7 @@ LINEAR_KERNELS = {kind: LAYER_RULES[kind].kernel[0] for kind in
 # Quantizer range variables start where tfmot starts them; the first batch overwrites them.
 INITIAL_RANGE = 6.0
 FOLD_SCALE_FLOOR = 1e-8  # |gamma/sigma| below this would blow up W*s/s; treat as this small
-RANGE_FLOOR = 1e-6  # a learned range never collapses below this width
 MIN_RATIO = 1e-3  # a learned kernel range keeps at least this fraction of the kernel's extent
-
-
-def depthwise_output_channels(kernel):
-    """A kh×kw×C×M depthwise kernel as kh×kw×1×(C·M): the last axis is then the output channel,
-    as in TFLite's 1×kh×kw×(C·M) layout. Works on tensors and NumPy arrays alike."""
-    kh, kw, c, m = kernel.shape
-    return tf.reshape(kernel, (kh, kw, 1, c * m))
-
-
-def usable_range(lo, hi, relu: bool = False):
-    """An activation range as the fake-quant uses it: a trained range may drift past zero or
-    collapse, so [min(lo, 0), at least RANGE_FLOOR above]. A no-op for EMA ranges; the export
-    copies ranges through it too."""
-    low = tf.zeros([]) if relu else tf.minimum(lo, 0.0)
-    return low, tf.maximum(hi, low + RANGE_FLOOR)
 
 
 def global_extent(low, high):
