@@ -24,11 +24,16 @@ import tensorflow as tf
 
 from qat.graph import consumers, producers
 from qat.layers import QuantBatchNorm
-from qat.quant_ops import RANGE_FLOOR, depthwise_output_channels, nudged_range, usable_range
-from qat.rules import PASS, is_fusable_relu, rule_for
+from qat.quant_ops import (
+    RANGE_FLOOR,
+    depthwise_output_channels,
+    int8_kernel_levels,
+    nudged_range,
+    usable_range,
+)
+from qat.rules import FUSED_ACTIVATIONS, PASS, is_fusable_relu, rule_for
 
 LINEAR = ("Conv2D", "DepthwiseConv2D", "Dense")
-ACTIVATIONS = ("linear", None, "relu", "relu6")  # fused into the op: added after, same output
 
 
 def _inner(layer):
@@ -52,7 +57,8 @@ def _fused_producer(layer):
 def _is_linear(layer) -> bool:
     inner = _inner(layer)
     return (type(inner).__name__ in LINEAR and bool(getattr(layer, "_weight_vars", None))
-            and inner.get_config().get("activation", "linear") in ACTIVATIONS)
+            # a ReLU/ReLU6 inside is fused into the op: the rounding after it gives the same
+            and inner.get_config().get("activation") in (None, *FUSED_ACTIVATIONS))
 
 
 def _op_group(wrapper):
@@ -106,12 +112,9 @@ def _kernel_steps(linear, multiplier):
     extent = tf.reduce_max(tf.abs(kernel), axis=0)
     if not getattr(quantizer, "per_channel", getattr(quantizer, "per_axis", True)):
         extent = tf.reduce_max(extent)
-    bits = quantizer.num_bits
-    if bits > 8:
+    if quantizer.num_bits > 8:
         return None  # a quant-only run: no file to match
-    levels = 2 ** (bits - 1) - 1
-    divisor = 127 if bits >= 8 else levels * (127 // levels)
-    return tf.maximum(extent, RANGE_FLOOR) / divisor
+    return tf.maximum(extent, RANGE_FLOOR) / int8_kernel_levels(quantizer.num_bits)
 
 
 def bias_rounding(wrapper) -> tf.Tensor | None:
@@ -134,7 +137,7 @@ def bias_rounding(wrapper) -> tf.Tensor | None:
         multiplier = gamma * tf.math.rsqrt(variance + layer.epsilon)
         bias = multiplier * (bias - mean) + beta
     if linear is None:  # the export stores the multiplier as an 8-bit 1×1 depthwise kernel
-        kernel_steps = tf.maximum(tf.abs(multiplier), RANGE_FLOOR) / 127.0
+        kernel_steps = tf.maximum(tf.abs(multiplier), RANGE_FLOOR) / int8_kernel_levels(8)
     else:
         kernel_steps = _kernel_steps(linear, multiplier)
     if kernel_steps is None:

@@ -18,6 +18,7 @@ import tf_keras
 from qat.errors import ConfigError
 from qat.graph import copy_layer, flat_layers, is_keras_tensor, rebuild, require_graph_network
 from qat.layers import QuantBatchNorm, ScalarArithmetic
+from qat.rules import FUSED_ACTIVATIONS
 
 
 def _check_axis(layer: tf_keras.layers.BatchNormalization) -> None:
@@ -45,8 +46,6 @@ def _batchnorm_weights(layer: tf_keras.layers.BatchNormalization) -> dict:
     return {name: variable.numpy() for name, variable in values.items()}
 
 
-# Built-in activations TFLite fuses into the op (or that are no op): kept inside the layer.
-FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
 ARITHMETIC = {"__operators__.add": "add", "math.add": "add", "math.multiply": "multiply",
               "__operators__.mul": "multiply", "__operators__.sub": "subtract",
               "math.subtract": "subtract"}

@@ -32,6 +32,7 @@ from qat.fold import check_parity, dequantized_float_model, fold_batchnorms
 from qat.layers import QuantBatchNorm
 from qat.lock import run_lock
 from qat.ptq import simulated_ptq_model
+from qat.quant_ops import int8_kernel_levels
 from qat.quantize import (
     RANGE_FLOOR,
     DepthwiseKernelQuantizer,
@@ -257,8 +258,7 @@ def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
             bound = np.maximum(np.abs(kernel.reshape(-1, kernel.shape[-1])).max(axis=0),
                                RANGE_FLOOR)
             if quantizer.num_bits < 8:  # the 8-bit narrow grid whose step is the b-bit one / f
-                levels = 2 ** (quantizer.num_bits - 1) - 1
-                bound = bound * 127.0 / (levels * (127 // levels))
+                bound = bound * 127.0 / int8_kernel_levels(quantizer.num_bits)
                 quantizer.num_bits = 8  # read when the converter traces the model
             if qvars["min_var"].shape.rank == 0:  # per-tensor kernel
                 bound = bound.max()
@@ -324,11 +324,12 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     fold_diff = check_parity(unfolded_logits, folded_logits, export.fold_tolerance)
 
     # The converted model holds plain min/max ranges: learned ones are copied into them.
-    qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded))
+    pairs = folding_pairs(unfolded)
+    qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded, pairs))
     store_low_bits_as_int8(qfolded)
     for quantizer in activation_quantizers(qfolded):  # the converter rounds biases itself
         quantizer.file_bias = False
-    aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}
+    aliases = {linear: bn for bn, linear in pairs.items()}
     _copy_activation_ranges(qmodel, qfolded, aliases)
     _set_kernel_ranges(qfolded)
 
@@ -349,8 +350,8 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     return report
 
 
-def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model,
-                     folded: tf_keras.Model) -> QuantConfig:
+def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model, folded: tf_keras.Model,
+                     pairs: dict[str, str]) -> QuantConfig:
     """The QAT model's precision plan, layer by layer, for the folded model the converter reads.
     Resolved on the folded model itself, `quant.ends_8_bits` could pick other ends: a BN with
     nothing to fold into becomes a kernel layer there, so a BN right after the input took the
@@ -358,7 +359,6 @@ def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model,
     resolved = layer_overrides(unfolded, quant)
     # A BN with nothing to fold into: its multiplier, one value per channel, is exact at any
     # bits; 8 bits gives it the int32 bias grid the QAT model computes (qat.bias_grid).
-    pairs = folding_pairs(unfolded)
     lone_bns = {layer.name for layer in unfolded.layers
                 if isinstance(layer, QuantBatchNorm) and layer.name not in pairs}
     layers = {}

@@ -31,6 +31,16 @@ def depthwise_output_channels(kernel):
     return tf.reshape(kernel, (kh, kw, 1, c * m))
 
 
+def int8_kernel_levels(bits: int) -> int:
+    """The int8 level a b-bit symmetric kernel's extent is stored at: 127 at 8 bits; below, the
+    b-bit top level 2^(b-1) - 1 times f = 127 // (2^(b-1) - 1) (126 at 4 bits), so the file's
+    int8 grid is f times finer than the b-bit one and holds its points exactly."""
+    if bits >= 8:
+        return 127
+    levels = 2 ** (bits - 1) - 1
+    return levels * (127 // levels)
+
+
 def usable_range(lo, hi, relu: bool = False):
     """An activation range as the fake-quant uses it: a trained range may drift past zero or
     collapse, so [min(lo, 0), at least RANGE_FLOOR above]. A no-op for EMA ranges; the export

@@ -96,6 +96,10 @@ def activation_name(layer) -> str | None:
     return None
 
 
+# Built-in activations TFLite fuses into the op (or that are no op): kept inside the layer.
+FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
+
+
 def rule_for(layer) -> Rule | None:
     """The rule of one layer, or None when qat has none for it."""
     kind = type(layer).__name__
