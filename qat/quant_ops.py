@@ -169,13 +169,15 @@ def fake_quant_activation(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, num_bits: 
         y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=num_bits)
 
         def grad(dy):
-            nlo, nhi = nudged_range(lo, hi, num_bits)
             # Relu6Grad passes dy where 0 < f < 6: map the range, widened a hair so the batch
             # maximum (and, unless this is the ReLU, the low end) counts as inside, onto (0, 6).
-            pad = (nhi - nlo) * 1e-6
-            if relu:  # one op before Relu6Grad; x = 0 is cut, as by ReLU's own gradient
-                features = x * (6.0 / (nhi + pad))
+            if relu:  # one op before Relu6Grad; x = 0 is cut, as by ReLU's own gradient. A
+                # range from 0 needs no nudge (zero is its first grid point): its top is `hi`
+                # to within a float rounding, far inside the 1e-6 widening.
+                features = x * (6.0 / (hi * (1.0 + 1e-6)))
             else:
+                nlo, nhi = nudged_range(lo, hi, num_bits)
+                pad = (nhi - nlo) * 1e-6
                 features = (x - (nlo - pad)) * (6.0 / (nhi - nlo + 2.0 * pad))
             return tf.raw_ops.Relu6Grad(gradients=dy, features=features), None, None
 

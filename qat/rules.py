@@ -118,9 +118,11 @@ def is_fusable_relu(layer) -> bool:
     return activation_name(layer) in ("relu", "relu6")
 
 
-def is_plain_relu(layer) -> bool:
-    """max(x, 0) exactly: a range pinned at 0 computes it (see `qat.quantize.FusedReLU`)."""
-    return activation_name(layer) == "relu"
+def relu_cap(layer) -> float | None:
+    """The top a fusable ReLU clamps at: 6 for RELU6, None for a plain ReLU (and any other layer).
+    A fake-quant range pinned at 0 whose top stays <= the cap computes the ReLU (see
+    `qat.quantize.FusedReLU`)."""
+    return 6.0 if activation_name(layer) == "relu6" else None
 
 
 def output_starts_at_zero(layer) -> bool:

@@ -94,6 +94,69 @@ def test_leaky_and_capped_relus_keep_their_layer():
     assert wrappers["capped"]._output_quantizers[0].relu
 
 
+def _conv_bn_relu6_net():
+    inputs = tf_keras.Input((4, 4, 2))
+    y = tf_keras.layers.Conv2D(4, 1, name="conv")(inputs)
+    y = QuantBatchNorm(name="bn")(y)
+    y = tf_keras.layers.ReLU(6.0, name="relu6")(y)
+    pooled = tf_keras.layers.GlobalAveragePooling2D(name="pool")(y)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(pooled))
+
+
+def test_a_fused_relu6_is_computed_by_its_fake_quant_forward_and_backward():
+    """conv → BN → ReLU6 under an EMA range: the ReLU6 becomes FusedReLU, the quantizer's range
+    stops at 6, and FakeQuant alone equals ReLU6 → FakeQuant in value and gradient (the
+    quantizer cuts the gradient at the range's top as ReLU6 cuts it at 6)."""
+    wrapper = _wrappers(quantize_model(_conv_bn_relu6_net(), QuantConfig()))["relu6"]
+    assert type(wrapper.layer).__name__ == "FusedReLU"
+    quantizer = wrapper._output_quantizers[0]
+    assert quantizer.relu and quantizer.cap == 6.0
+    x = tf.constant(np.random.default_rng(0).uniform(-10, 10, (8, 4, 4, 4)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = wrapper(x, training=True)  # first batch: the range is the batch's, capped at 6
+    grad = tape.gradient(y, x).numpy()
+    ranges = wrapper._output_quantizer_vars
+    assert float(ranges["min_var"].numpy()) == 0.0 and float(ranges["max_var"].numpy()) == 6.0
+    expected = tf.quantization.fake_quant_with_min_max_vars(tf.nn.relu6(x), 0.0, 6.0).numpy()
+    np.testing.assert_array_equal(y.numpy(), expected)
+    np.testing.assert_array_equal(grad, ((x > 0) & (x < 6)).numpy().astype("float32"))
+    for training in (True, False):  # later batches and inference clamp at the range's top
+        assert float(tf.reduce_max(wrapper(x, training=training))) <= 6.0
+
+
+def test_a_relu6_under_a_learned_range_keeps_its_layer():
+    """A trained range may grow past 6, where FakeQuant alone would no longer clamp at 6."""
+    wrapper = _wrappers(quantize_model(
+        _conv_bn_relu6_net(), QuantConfig(range="learned", learned_max_bits=8)))["relu6"]
+    assert type(wrapper.layer).__name__ == "ReLU"
+    assert wrapper._output_quantizers[0].learned
+
+
+def test_kernel_quantizer_is_tfmots_forward_with_an_identity_gradient():
+    """Forward: tfmot's LastValueQuantizer exactly (ranges stored for the converter); backward:
+    the identity (the mask TF's FakeQuant gradient computes, without its min/max backprops)."""
+    from qat.quantize import KernelQuantizer
+
+    kernel = tf.Variable(np.random.default_rng(0).normal(0, 1, (3, 3, 4, 5)), dtype=tf.float32)
+    layer = tf_keras.layers.Layer()
+    ours = KernelQuantizer(num_bits=4, per_axis=True, symmetric=True, narrow_range=True)
+    theirs = tfmot.quantization.keras.quantizers.LastValueQuantizer(
+        num_bits=4, per_axis=True, symmetric=True, narrow_range=True)
+    our_vars = ours.build(kernel.shape, "ours", layer)
+    their_vars = theirs.build(kernel.shape, "theirs", layer)
+    upstream = tf.constant(np.random.default_rng(1).normal(0, 1, kernel.shape), tf.float32)
+    with tf.GradientTape() as tape:
+        quantized = ours(kernel, True, our_vars)
+        loss = tf.reduce_sum(quantized * upstream)
+    np.testing.assert_array_equal(quantized.numpy(), theirs(kernel, True, their_vars).numpy())
+    np.testing.assert_array_equal(tape.gradient(loss, kernel).numpy(), upstream.numpy())
+    np.testing.assert_array_equal(our_vars["max_var"].numpy(), their_vars["max_var"].numpy())
+    graph = tf.function(lambda: ours(kernel, False, our_vars)).get_concrete_function().graph
+    types = {op.type for op in graph.get_operations()}  # the plain FakeQuant the converter reads
+    assert "FakeQuantWithMinMaxVarsPerChannel" in types and "StopGradient" not in types
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_weight_bits_and_per_channel_ranges(bits):
     model = build_model(ModelConfig(name="mobilenet", width=4), (8, 8, 1), 10)
