@@ -10,9 +10,11 @@ steps at the logits; with the bias rounded, 0.003 against TFLite's default XNNPA
 difference round(B/g)·g − B of the int8 op it closes — a conv/depthwise/dense (its own ReLU or
 ReLU6 included) and optionally the BN folded into it, or a BN with nothing to fold into (a 1×1
 depthwise conv in the file, its multiplier an 8-bit kernel), then optionally a ReLU or ReLU6
-that TFLite fuses — or None for any other layer. After a ReLU the difference is added to the clamped
-value: the same output, since it is below half an output step (it is a fraction of the
-accumulator step g) and the clamp's ends 0 and 6 are grid points or the range's ends. The layers
+that TFLite fuses — or None for any other layer. A ReLU computed by its quantizer
+(`FusedReLU`: every plain ReLU, and ReLU6 under EMA ranges) gets the difference before the
+quantizer's clamp, as the file adds it; after a ReLU layer it is added to the clamped value: the
+same output, since it is below half an output step (it is a fraction of the accumulator step g)
+and the clamp's ends 0 and 6 are grid points or the range's ends. The layers
 are found through the Keras graph when the model runs (as `FoldedKernelQuantizer` finds its BN),
 so a reloaded QAT model computes it too. Inference only: training keeps its gradients as they
 were, and with batch statistics there is no file to match.

@@ -40,6 +40,7 @@ from qat.quantize import (
     activation_quantizers,
     depthwise_output_channels,
     folding_pairs,
+    kept_relus,
     layer_overrides,
     quantize_model,
     store_low_bits_as_int8,
@@ -325,7 +326,8 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
 
     # The converted model holds plain min/max ranges: learned ones are copied into them.
     pairs = folding_pairs(unfolded)
-    qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded, pairs))
+    qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded, pairs),
+                             keep_relus=kept_relus(qmodel))
     store_low_bits_as_int8(qfolded)
     for quantizer in activation_quantizers(qfolded):  # the converter rounds biases itself
         quantizer.file_bias = False

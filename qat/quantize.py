@@ -12,9 +12,10 @@ int8 file will compute (TFLite fuses conv+BN+ReLU into one op):
   * no fake-quant between a conv and the BN folded into it, nor in front of a RELU/RELU6 that
     TFLite fuses into the op before it;
   * one activation fake-quant wherever the int8 graph has a tensor (`check_plan` verifies it
-    before training); a plain ReLU fused into the op before it is computed by its fake-quant
-    (range pinned at 0), as the int8 op's output range computes it (`FusedReLU`); any other
-    ReLU stays a layer, a RELU op of the int8 graph (`relu_fuses`);
+    before training); a ReLU fused into the op before it is computed by its fake-quant (range
+    pinned at 0; a ReLU6's top kept <= 6, under EMA ranges only), as the int8 op's output range
+    computes it (`FusedReLU`); any other ReLU stays a layer, a RELU op of the int8 graph
+    (`relu_fuses`);
   * BN's own gamma, beta, mean and variance: inside qat's BN layer, behind its switch
     (`quant.bn=params`), or folded into the preceding kernel's quantizer (`quant.bn=fold`).
 """
@@ -142,7 +143,7 @@ class ActivationQuantizer(tfq.quantizers.Quantizer):
             # A ReLU's low end is 0 from the start and stays there: no update to run.
             lo = 0.0 if self.relu else lo.assign(keep * lo + (1.0 - keep) * batch_lo)
             hi = hi.assign(keep * hi + (1.0 - keep) * batch_hi)
-            with tf.control_dependencies([lo, hi]):
+            with tf.control_dependencies([hi] if self.relu else [lo, hi]):
                 weights["seen"].assign(1.0)
             return fake_quant_activation(inputs, lo, hi, self.num_bits, relu=self.relu)
         if self.learned:
@@ -204,9 +205,11 @@ class KernelQuantizer(tfq.quantizers.LastValueQuantizer):
     """tfmot's LastValueQuantizer (range = the kernel's own extent, stored for the converter)
     with a straight-through gradient while training.
 
-    Every kernel value lies inside its own range, so the gradient is the identity; TF's
-    FakeQuant gradient op computes that same mask plus backprops to min and max that nothing
-    trains (~3 ms of a 52 ms MobileNetV2 α 0.35 step on one CPU thread, `make bench`).
+    Every kernel value lies inside its own range, so the straight-through gradient is the
+    identity. TF's FakeQuant gradient op also backprops to min and max, which nothing trains
+    (~3 ms of a 52 ms MobileNetV2 α 0.35 step on one CPU thread, `make bench`), and its mask
+    cuts a channel's extreme weight where the range nudge's rounding puts it just outside
+    (3 of 1280 channels at 8 bits in a review probe): that weight now gets its gradient.
     Inference keeps the plain FakeQuant: it is what the TFLite converter reads.
     """
 
@@ -657,6 +660,14 @@ def activation_quantizers(qmodel: tf_keras.Model) -> list[ActivationQuantizer]:
     return [q for q in quantizers if isinstance(q, ActivationQuantizer)]
 
 
+def kept_relus(qmodel: tf_keras.Model) -> frozenset[str]:
+    """ReLUs TFLite could fuse that the QAT model kept as layers (a ReLU6 under a learned range,
+    a skipped one): the model the export converts must keep them too, or a learned top past 6
+    would pass values in (6, top] through the file that the QAT model clamps."""
+    return frozenset(layer.layer.name for layer in qmodel.layers
+                     if isinstance(layer, tfq.QuantizeWrapperV2) and is_fusable_relu(layer.layer))
+
+
 def store_low_bits_as_int8(qmodel: tf_keras.Model) -> int:
     """Switch every activation quantizer below 8 bits of `qmodel` (the model the export converts)
     to its int8-storable form (`fake_quant_on_int8_grid`); returns how many. Before the model
@@ -725,12 +736,15 @@ def quantize_scope():
     })
 
 
-def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None) -> tf_keras.Model:
+def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None,
+                   keep_relus: frozenset[str] = frozenset()) -> tf_keras.Model:
     """tfmot-quantized copy of `model` (weights copied) with qat's BN switched on per `cfg.bn`.
 
     BNs that fold into a kernel in `fold` mode keep float parameters (the kernel quantizer carries
     their quantization); every other BN fake-quantizes its parameters (`cfg.bn_target`). The plan
     is checked first (`check_plan`): a model the int8 file could not compute fails here.
+    `keep_relus`: ReLU layers that stay layers even where their quantizer could compute them
+    (the export: every ReLU6 the QAT model kept, whose learned range may reach past 6).
     """
     cfg = cfg or QuantConfig()
     pairs, configs, skipped = plan_layers(model, cfg)
@@ -743,8 +757,8 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None) -> tf_
         config = layer.get_config()
         if isinstance(layer, QuantBatchNorm):
             config.update(bn_overrides)
-        fused = layer.name not in skipped and _computed_by_quantizer(layer, configs[layer.name],
-                                                                     pairs)
+        fused = (layer.name not in skipped | keep_relus
+                 and _computed_by_quantizer(layer, configs[layer.name], pairs))
         clone = FusedReLU(name=layer.name) if fused else layer.__class__.from_config(config)
         return tfq.quantize_annotate_layer(clone, configs[layer.name])
 

@@ -482,3 +482,41 @@ def test_a_bn_after_the_input_leaves_the_stem_at_8_bits_in_the_file(tmp_path):
     assert set(np.abs(stem[0]).max(axis=(1, 2, 3))) == {127}
     assert set(np.abs(mid[0]).max(axis=(1, 2, 3))) == {126} and not np.any(mid[0] % 18)
     assert report["int8_agreement"] >= 0.999 and report["int8_logit_error"] < 0.001  # 1.0, 0.0
+
+
+def test_a_relu6_kept_under_a_learned_range_stays_in_the_file(tmp_path):
+    """A learned ReLU6 range may train past 6, so the QAT model keeps the ReLU6 layer; the model
+    the export converts must keep it too. Fused there, the file's conv would clamp at the
+    learned top (9 here) while the QAT model clamps at 6 (measured: agreement 0.906)."""
+    import tensorflow as tf
+    import tf_keras
+
+    from qat.config import QuantConfig
+    from qat.export import export_quant_model
+    from qat.layers import QuantBatchNorm
+    from qat.quantize import quantize_model
+
+    def net():
+        tf_keras.utils.set_random_seed(0)
+        inputs = tf_keras.Input((4, 4, 2))
+        y = tf_keras.layers.Conv2D(4, 1, name="conv")(inputs)
+        y = QuantBatchNorm(name="bn")(y)
+        y = tf_keras.layers.ReLU(6.0, name="relu6")(y)
+        y = tf_keras.layers.Flatten(name="flat")(y)
+        return tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(y))
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (64, 4, 4, 2)).astype("float32")
+    labels = rng.integers(0, 3, 64)
+    quant = QuantConfig(range="learned", learned_max_bits=8)
+    qmodel = quantize_model(net(), quant)
+    qmodel(x, training=True)
+    wrappers = {layer.layer.name: layer for layer in qmodel.layers if hasattr(layer, "layer")}
+    assert type(wrappers["relu6"].layer).__name__ == "ReLU"
+    wrappers["bn"].layer.gamma.assign(wrappers["bn"].layer.gamma * 5.0)  # outputs well past 6
+    wrappers["relu6"]._output_quantizer_vars["max_var"].assign(9.0)  # a top trained past 6
+    probe = tf_keras.Model(qmodel.input, wrappers["bn"].output)
+    assert float(tf.reduce_max(probe(x, training=False))) > 7.0
+    report = export_quant_model(qmodel, net(), x, labels, str(tmp_path / "out"), quant,
+                                ExportConfig(int8_io=False))
+    assert report["int8_agreement"] == 1.0 and report["int8_logit_error"] < 1e-3
