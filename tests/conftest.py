@@ -12,6 +12,22 @@ import qat  # noqa: F401  (selects tf_keras before TensorFlow is imported anywhe
 REPO = Path(__file__).resolve().parents[1]
 
 
+def conv_bn_relu6_net():
+    """conv → qat BN → ReLU6 → flatten → dense on 4×4×2 inputs: the smallest net with a ReLU6
+    that TFLite fuses into the op before it (flattened, not pooled, so every clamped value
+    reaches the logits on its own)."""
+    import tf_keras
+
+    from qat.layers import QuantBatchNorm
+
+    inputs = tf_keras.Input((4, 4, 2))
+    y = tf_keras.layers.Conv2D(4, 1, name="conv")(inputs)
+    y = QuantBatchNorm(name="bn")(y)
+    y = tf_keras.layers.ReLU(6.0, name="relu6")(y)
+    y = tf_keras.layers.Flatten(name="flat")(y)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(y))
+
+
 def run_cli(*args: str, timeout: int = 600,
             extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` from the repository like a user would; returns the finished process."""

@@ -493,18 +493,10 @@ def test_a_relu6_kept_under_a_learned_range_stays_in_the_file(tmp_path):
 
     from qat.config import QuantConfig
     from qat.export import export_quant_model
-    from qat.layers import QuantBatchNorm
     from qat.quantize import quantize_model
+    from tests.conftest import conv_bn_relu6_net as net
 
-    def net():
-        tf_keras.utils.set_random_seed(0)
-        inputs = tf_keras.Input((4, 4, 2))
-        y = tf_keras.layers.Conv2D(4, 1, name="conv")(inputs)
-        y = QuantBatchNorm(name="bn")(y)
-        y = tf_keras.layers.ReLU(6.0, name="relu6")(y)
-        y = tf_keras.layers.Flatten(name="flat")(y)
-        return tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(y))
-
+    tf_keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (64, 4, 4, 2)).astype("float32")
     labels = rng.integers(0, 3, 64)

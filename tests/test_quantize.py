@@ -12,6 +12,7 @@ from qat.layers import QuantBatchNorm, batchnorm_layers
 from qat.models import build_model
 from qat.quantize import quantize_model
 from qat.runs import restore_model
+from tests.conftest import conv_bn_relu6_net
 
 Wrapper = tfmot.quantization.keras.QuantizeWrapperV2
 
@@ -94,20 +95,11 @@ def test_leaky_and_capped_relus_keep_their_layer():
     assert wrappers["capped"]._output_quantizers[0].relu
 
 
-def _conv_bn_relu6_net():
-    inputs = tf_keras.Input((4, 4, 2))
-    y = tf_keras.layers.Conv2D(4, 1, name="conv")(inputs)
-    y = QuantBatchNorm(name="bn")(y)
-    y = tf_keras.layers.ReLU(6.0, name="relu6")(y)
-    pooled = tf_keras.layers.GlobalAveragePooling2D(name="pool")(y)
-    return tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(pooled))
-
-
 def test_a_fused_relu6_is_computed_by_its_fake_quant_forward_and_backward():
     """conv → BN → ReLU6 under an EMA range: the ReLU6 becomes FusedReLU, the quantizer's range
     stops at 6, and FakeQuant alone equals ReLU6 → FakeQuant in value and gradient (the
     quantizer cuts the gradient at the range's top as ReLU6 cuts it at 6)."""
-    wrapper = _wrappers(quantize_model(_conv_bn_relu6_net(), QuantConfig()))["relu6"]
+    wrapper = _wrappers(quantize_model(conv_bn_relu6_net(), QuantConfig()))["relu6"]
     assert type(wrapper.layer).__name__ == "FusedReLU"
     quantizer = wrapper._output_quantizers[0]
     assert quantizer.relu and quantizer.cap == 6.0
@@ -128,7 +120,7 @@ def test_a_fused_relu6_is_computed_by_its_fake_quant_forward_and_backward():
 def test_a_relu6_under_a_learned_range_keeps_its_layer():
     """A trained range may grow past 6, where FakeQuant alone would no longer clamp at 6."""
     wrapper = _wrappers(quantize_model(
-        _conv_bn_relu6_net(), QuantConfig(range="learned", learned_max_bits=8)))["relu6"]
+        conv_bn_relu6_net(), QuantConfig(range="learned", learned_max_bits=8)))["relu6"]
     assert type(wrapper.layer).__name__ == "ReLU"
     assert wrapper._output_quantizers[0].learned
 
