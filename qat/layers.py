@@ -15,7 +15,7 @@ import tf_keras
 
 from qat.config import BN_FORMATS, BN_TARGETS, BN_VARIANCE_TARGETS
 from qat.distribute import replicas_in_sync
-from qat.quant_ops import fake_quant_vectors
+from qat.quant_ops import quantized_vectors
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -93,42 +93,42 @@ class QuantBatchNorm(tf_keras.layers.Layer):
 
     # -- parameters -------------------------------------------------------------------------
     def _quantize(self, *vectors: tf.Tensor) -> list[tf.Tensor]:
-        return fake_quant_vectors(list(vectors), self.bn_bits, self.bn_format)
+        return quantized_vectors(list(vectors), self.bn_bits, self.bn_format)
 
-    def _quantized_scale_and_shift(self) -> tuple[tf.Tensor, tf.Tensor]:
+    def _quantized_scale_and_shift(self, gamma, beta) -> tuple[tf.Tensor, tf.Tensor]:
         if self.bn_target == "params":
-            return tuple(self._quantize(self.gamma, self.beta))
+            return tuple(self._quantize(gamma, beta))
         mean = tf.convert_to_tensor(self.moving_mean)
         std = tf.sqrt(self.moving_variance + self.epsilon)
-        multiplier = self.gamma / std
-        multiplier_q, offset_q = self._quantize(multiplier, self.beta - mean * multiplier)
+        multiplier = gamma / std
+        multiplier_q, offset_q = self._quantize(multiplier, beta - mean * multiplier)
         return multiplier_q * std, offset_q + multiplier_q * mean
 
-    def _quantized_moving_stats(self) -> tuple[tf.Tensor, tf.Tensor]:
+    def _quantized_moving_stats(self, mean, variance) -> tuple[tf.Tensor, tf.Tensor]:
         if self.bn_variance == "variance":
-            mean, variance = self._quantize(self.moving_mean, self.moving_variance)
+            mean, variance = self._quantize(mean, variance)
             return mean, tf.maximum(variance, 0.0)
-        mean, inv_std = self._quantize(self.moving_mean,
-                                       tf.math.rsqrt(self.moving_variance + self.epsilon))
+        mean, inv_std = self._quantize(mean, tf.math.rsqrt(variance + self.epsilon))
         # Feed the kernel the variance whose rsqrt(var + eps) is exactly the quantized inv_std;
         # an inv_std rounded to 0 becomes a huge variance (the channel outputs beta).
         inv_std = tf.maximum(inv_std, 1e-12)
         return mean, 1.0 / tf.square(inv_std) - self.epsilon
 
     def _switched(self, quantized, float_values: tuple[tf.Tensor, tf.Tensor]):
-        """`float_values`, or `quantized()` when the switch is on, as float + a forward-only
-        correction. The quantization's gradient is the identity (straight-through), so the cond
-        need not be differentiated: a cond with a gradient keeps its intermediates for the
-        backward pass and costs ~4 ms of a 52 ms MobileNetV2 step on one CPU thread
-        (`make bench`). The sum is the quantized value exactly where the two lie within a
-        factor 2 of each other (Sterbenz), else to within a couple of float32 roundings (an
-        affine beta': <= 2 ulp measured)."""
+        """`float_values`, or `quantized(*float_values)` when the switch is on, as float + a
+        forward-only correction. The quantization's gradient is the identity (straight-through),
+        so the cond is kept off the gradient tape: it sees the values behind a stop_gradient and
+        reads no trainable variable. A cond on the tape keeps its intermediates for a backward
+        pass (~4 ms of a 52 ms MobileNetV2 step on one CPU thread, `make bench`). The sum is the
+        quantized value exactly where the two lie within a factor 2 of each other (Sterbenz),
+        else to within a couple of float32 roundings (an affine beta': <= 2 ulp measured)."""
+        frozen = tuple(tf.stop_gradient(f) for f in float_values)
+
         def correction():
-            pairs = zip(quantized(), float_values, strict=True)
-            return tuple(tf.stop_gradient(q - f) for q, f in pairs)
+            return tuple(q - f for q, f in zip(quantized(*frozen), frozen, strict=True))
 
         corrections = tf.cond(tf.not_equal(self.quant_switch, 0), correction,
-                              lambda: tuple(tf.zeros_like(f) for f in float_values))
+                              lambda: tuple(tf.zeros_like(f) for f in frozen))
         return tuple(f + c for f, c in zip(float_values, corrections, strict=True))
 
     def scale_and_shift(self) -> tuple[tf.Tensor, tf.Tensor]:

@@ -6,7 +6,7 @@ batches by tfmot-style quantizers). Every element of such a tensor lies inside i
 their straight-through gradient is the identity, range ends included (TF's FakeQuant gradient
 would cut an end that the range nudge moves outside).
 
-Two number formats for per-channel parameter vectors (see `fake_quant_vectors`):
+Two number formats for per-channel parameter vectors (see `quantized_vectors`):
   * `channel_exponent`: each value its own power-of-two exponent and a `num_bits` signed
     mantissa — a block floating point format with one-element blocks, the multiplier + shift
     pair integer requantization stores per output channel. Relative error <= 1/(2^(b-1)-1)
@@ -17,11 +17,12 @@ Two number formats for per-channel parameter vectors (see `fake_quant_vectors`):
 
 from __future__ import annotations
 
-import math
-
 import tensorflow as tf
 
 RANGE_FLOOR = 1e-6  # a learned range never collapses below this width
+SMALLEST_NORMAL = 2.0**-126  # float32's (TF flushes subnormals to zero on CPU)
+MANTISSA_MASK = 0x007FFFFF  # a float32's 23 mantissa bits
+EXPONENT_MASK = 0x7F800000  # and its 8 exponent bits
 
 
 def depthwise_output_channels(kernel):
@@ -86,6 +87,21 @@ def fake_quant(x: tf.Tensor, *, num_bits: int, symmetric: bool = True, per_chann
     return straight_through(x, quantized)
 
 
+def fake_quant_straight_through(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, *, num_bits: int,
+                                per_channel: bool, narrow_range: bool) -> tf.Tensor:
+    """TF's FakeQuant on [lo, hi] (per last-axis channel or not), identity gradient to `x` and
+    none to the range: for a tensor that lies inside its own range. One op on the tape instead
+    of x + stop_gradient(q - x)'s two passes over `x`."""
+    @tf.custom_gradient
+    def quantize(x, lo, hi):
+        fake_quant_op = (tf.quantization.fake_quant_with_min_max_vars_per_channel if per_channel
+                         else tf.quantization.fake_quant_with_min_max_vars)
+        y = fake_quant_op(x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+        return y, lambda dy: (dy, None, None)
+
+    return quantize(x, lo, hi)
+
+
 def _round_to_steps(x: tf.Tensor, step: tf.Tensor, qmin: tf.Tensor, qmax: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(tf.round(x / step), qmin, qmax) * step
 
@@ -95,13 +111,17 @@ def channel_exponent_grid(x: tf.Tensor, num_bits: int) -> tf.Tensor:
 
     The exponent is the smallest that keeps |x| / 2^e <= 2^(b-1)-1, so |x| spans more than half
     the mantissa's levels: relative error <= 1/(2^(b-1)-1) (0.79 % at 8 bits). Zero stays zero.
+    2^e is read off the float's bits (the exponent field, one up where any mantissa bit is set):
+    exact, where a float log2 lands one exponent off at powers of two, and in fewer ops.
     """
     qmax = 2.0 ** (num_bits - 1) - 1.0
-    magnitude = tf.abs(x)
-    nonzero = magnitude > 0.0
-    exponent = tf.math.ceil(tf.math.log(tf.where(nonzero, magnitude, 1.0) / qmax) / math.log(2.0))
-    step = tf.pow(2.0, exponent)
-    return tf.where(nonzero, _round_to_steps(x, step, -qmax, qmax), 0.0)
+    # A floor keeps a zero's step positive (it then rounds to 0); |x| below qmax·2^-126 (1.5e-36
+    # at 8 bits) rounds on that 2^-126 step.
+    bound = tf.maximum(tf.abs(x) / qmax, SMALLEST_NORMAL)
+    bits = tf.bitcast(bound, tf.int32)
+    step = tf.bitcast(tf.bitwise.bitwise_and(bits + MANTISSA_MASK, EXPONENT_MASK), tf.float32)
+    # |x| / step <= qmax (to within a rounding of |x| / qmax): round needs no clip.
+    return tf.round(x / step) * step
 
 
 def tensor_grid(x: tf.Tensor, num_bits: int) -> tf.Tensor:
@@ -117,14 +137,14 @@ def tensor_grid(x: tf.Tensor, num_bits: int) -> tf.Tensor:
 PARAMETER_FORMATS = {"channel_exponent": channel_exponent_grid, "tensor": tensor_grid}
 
 
-def fake_quant_vectors(vectors: list[tf.Tensor], num_bits: int, fmt: str) -> list[tf.Tensor]:
-    """Fake-quantize per-channel parameter vectors (C values each) in `fmt`; identity gradient.
+def quantized_vectors(vectors: list[tf.Tensor], num_bits: int, fmt: str) -> list[tf.Tensor]:
+    """Per-channel parameter vectors (C values each) on their `fmt` grid. Forward only: the
+    caller adds the difference to the float values behind a stop_gradient (qat.layers).
 
     Stacked as C×k columns so every format is one short chain of ops for all k vectors.
     """
     stacked = tf.stack(vectors, axis=-1)
-    quantized = straight_through(stacked, PARAMETER_FORMATS[fmt](stacked, num_bits))
-    return tf.unstack(quantized, axis=-1)
+    return tf.unstack(PARAMETER_FORMATS[fmt](stacked, num_bits), axis=-1)
 
 
 def nudged_range(lo: tf.Tensor, hi: tf.Tensor, num_bits: int,

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from qat.quant_ops import fake_quant, fake_quant_activation, nudged_range, value_range
+from qat.quant_ops import (
+    channel_exponent_grid,
+    fake_quant,
+    fake_quant_activation,
+    nudged_range,
+    value_range,
+)
 from tests import reference
 
 
@@ -19,6 +25,21 @@ def test_fake_quant_matches_reference(bits, symmetric, per_channel):
     np.testing.assert_allclose(got, want, atol=1e-6)
     levels = np.unique(got if not per_channel else got[..., 0])
     assert len(levels) <= 2**bits
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_channel_exponent_grid_matches_reference_at_binade_edges(bits):
+    """The exponent read off the float's bits, against float64 log2: random values, zeros,
+    exact qmax·2^k (where a float32 log2 may land one exponent off) and their neighbours."""
+    qmax = 2.0 ** (bits - 1) - 1.0
+    edges = qmax * 2.0 ** np.arange(-20, 21, dtype=np.float64)
+    x = np.concatenate([
+        np.random.default_rng(bits).normal(0, 3, 2000), np.zeros(3), edges, -edges,
+        np.nextafter(edges.astype(np.float32), np.float32(np.inf)),
+        np.nextafter(edges.astype(np.float32), np.float32(0)),
+        [1e-30, -2.5e-20, 3e30]]).astype(np.float32)
+    got = channel_exponent_grid(tf.constant(x), bits).numpy()
+    np.testing.assert_array_equal(got, reference.channel_exponent_grid(x, bits).astype(np.float32))
 
 
 def test_symmetric_range_is_symmetric_and_covers_values():

@@ -125,16 +125,22 @@ def test_a_relu6_under_a_learned_range_keeps_its_layer():
     assert wrapper._output_quantizers[0].learned
 
 
-def test_kernel_quantizer_is_tfmots_forward_with_an_identity_gradient():
+@pytest.mark.parametrize("per_axis, narrow_range, shape", [
+    (True, True, (3, 3, 4, 5)), (False, True, (3, 3, 4, 5)), (True, True, (6, 5)),
+    (True, False, (3, 3, 4, 5))])
+def test_kernel_quantizer_is_tfmots_forward_with_an_identity_gradient(per_axis, narrow_range,
+                                                                      shape):
     """Forward: tfmot's LastValueQuantizer exactly (ranges stored for the converter); backward:
-    the identity (the mask TF's FakeQuant gradient computes, without its min/max backprops)."""
+    the identity (the mask TF's FakeQuant gradient computes, without its min/max backprops).
+    Narrow symmetric ranges take qat's own max|k| path, a wide one tfmot's."""
     from qat.quantize import KernelQuantizer
 
-    kernel = tf.Variable(np.random.default_rng(0).normal(0, 1, (3, 3, 4, 5)), dtype=tf.float32)
+    kernel = tf.Variable(np.random.default_rng(0).normal(0, 1, shape), dtype=tf.float32)
     layer = tf_keras.layers.Layer()
-    ours = KernelQuantizer(num_bits=4, per_axis=True, symmetric=True, narrow_range=True)
+    ours = KernelQuantizer(num_bits=4, per_axis=per_axis, symmetric=True,
+                           narrow_range=narrow_range)
     theirs = tfmot.quantization.keras.quantizers.LastValueQuantizer(
-        num_bits=4, per_axis=True, symmetric=True, narrow_range=True)
+        num_bits=4, per_axis=per_axis, symmetric=True, narrow_range=narrow_range)
     our_vars = ours.build(kernel.shape, "ours", layer)
     their_vars = theirs.build(kernel.shape, "theirs", layer)
     upstream = tf.constant(np.random.default_rng(1).normal(0, 1, kernel.shape), tf.float32)
@@ -143,10 +149,12 @@ def test_kernel_quantizer_is_tfmots_forward_with_an_identity_gradient():
         loss = tf.reduce_sum(quantized * upstream)
     np.testing.assert_array_equal(quantized.numpy(), theirs(kernel, True, their_vars).numpy())
     np.testing.assert_array_equal(tape.gradient(loss, kernel).numpy(), upstream.numpy())
-    np.testing.assert_array_equal(our_vars["max_var"].numpy(), their_vars["max_var"].numpy())
+    for end in ("min_var", "max_var"):
+        np.testing.assert_array_equal(our_vars[end].numpy(), their_vars[end].numpy())
     graph = tf.function(lambda: ours(kernel, False, our_vars)).get_concrete_function().graph
     types = {op.type for op in graph.get_operations()}  # the plain FakeQuant the converter reads
-    assert "FakeQuantWithMinMaxVarsPerChannel" in types and "StopGradient" not in types
+    fake_quant_op = "FakeQuantWithMinMaxVars" + ("PerChannel" if per_axis else "")
+    assert fake_quant_op in types and "StopGradient" not in types
 
 
 @pytest.mark.parametrize("bits", [4, 8])
