@@ -10,7 +10,8 @@ steps at the logits; with the bias rounded, 0.003 against TFLite's default XNNPA
 difference round(B/g)·g − B of the int8 op it closes — a conv/depthwise/dense (its own ReLU or
 ReLU6 included) and optionally the BN folded into it, or a BN with nothing to fold into (a 1×1
 depthwise conv in the file, its multiplier an 8-bit kernel), then optionally a ReLU or ReLU6
-that TFLite fuses — or None for any other layer. A ReLU computed by its quantizer
+that TFLite fuses, or those of a concatenation's inputs quantized on its range — or None for
+any other layer. A ReLU computed by its quantizer
 (`FusedReLU`: every plain ReLU, and ReLU6 under EMA ranges) gets the difference before the
 quantizer's clamp, as the file adds it; after a ReLU layer it is added to the clamped value: the
 same output, since it is below half an output step (it is a fraction of the accumulator step g)
@@ -119,9 +120,24 @@ def _kernel_steps(linear, multiplier):
     return tf.maximum(extent, RANGE_FLOOR) / int8_kernel_levels(quantizer.num_bits)
 
 
+def _concatenated_rounding(concat) -> tf.Tensor | None:
+    """A concatenation's quantizer closes the ops of the inputs it quantizes (those with no
+    range of their own, qat.quantize.on_concat_range): their roundings side by side along the
+    channel axis, zeros for every other input; None where none has one."""
+    parts, found = [], False
+    for producer in producers(concat):
+        rounding = (None if getattr(producer, "_output_quantizers", None)
+                    else bias_rounding(producer))
+        found = found or rounding is not None
+        parts.append(rounding if rounding is not None else tf.zeros(producer.output_shape[-1]))
+    return tf.concat(parts, axis=0) if found else None
+
+
 def bias_rounding(wrapper) -> tf.Tensor | None:
     """round(B/g)·g − B per output channel of the int8 op `wrapper`'s output quantizer closes
     (None when it closes no conv/depthwise/dense or lone BN, or the input grid is unknown)."""
+    if type(_inner(wrapper)).__name__ == "Concatenate":
+        return _concatenated_rounding(wrapper)
     group = _op_group(wrapper)
     if group is None:
         return None

@@ -83,12 +83,7 @@ def test_two_input_model_keeps_a_range_per_input_and_feeds_each(tmp_path):
     inputs = Interpreter(model_path=path).get_signature_runner().get_input_details()
     scales = {name: detail["quantization"][0] for name, detail in inputs.items()}
     assert scales["big"] > 10 * scales["small"]  # not one shared (overwritten) range
-    # >= 0.98, not 0.99: the Concatenate is the README's known gap (the file rounds each pooled
-    # input once, onto the concat's grid; QAT rounds it twice), up to 5 output steps here, and
-    # this weak net's margins are small (median 9 steps). Measured 0.992 and, after the kernel
-    # quantizer's gradient stopped cutting each channel's extreme weight now and then, 0.986
-    # (same accuracy and logit error): all 5 disagreements are ties or 1-step margins in QAT.
-    assert report["qat_val_accuracy"] > 0.5 and report["int8_agreement"] >= 0.98
+    assert report["qat_val_accuracy"] > 0.5 and report["int8_agreement"] >= 0.99
     fed = tflite_logits(path, {"small": x_val[0], "big": x_val[1]})
     swapped = tflite_logits(path, {"small": x_val[1], "big": x_val[0]})
     reference = qmodel.predict(x_val, verbose=0)

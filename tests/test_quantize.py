@@ -377,6 +377,32 @@ def test_per_layer_precision_and_the_written_plan():
     assert plan["pool"]["output"] == "int8 range (6 bits)"
 
 
+def test_inputs_feeding_only_a_concatenation_take_its_range():
+    """The int8 file puts such an input straight onto the concatenation's scale (export test:
+    test_an_input_feeding_only_a_concatenation_is_quantized_on_its_range). An input that also
+    feeds another layer, or is quantized with other bits, keeps a range of its own (the file
+    requantizes it). A ReLU left without a quantizer stays a ReLU layer."""
+    from tf_keras import layers
+
+    from qat.config import LayerOverride
+    from qat.quantize import quantization_plan
+
+    inputs = tf_keras.Input((8, 8, 1))
+    a = layers.ReLU(name="a_relu")(layers.Conv2D(4, 3, name="a")(inputs))
+    b = layers.ReLU(name="b_relu")(layers.Conv2D(4, 3, padding="same", name="b")(a))
+    branches = [b, layers.Conv2D(2, 1, name="side")(a), layers.Conv2D(2, 1, name="low")(a)]
+    x = layers.GlobalAveragePooling2D(name="gap")(layers.Concatenate(name="cat")(branches))
+    model = tf_keras.Model(inputs, layers.Dense(3, name="logits")(x))
+    cfg = QuantConfig(layers={"low": LayerOverride(activation_bits=4)})
+    plan = {entry["layer"]: entry["output"] for entry in quantization_plan(model, cfg)}
+    assert plan["b_relu"] == plan["side"] == "the range of cat (a concatenation's input)"
+    assert plan["low"] == "int8 range (4 bits)"
+    assert plan["a_relu"] == "int8 range (8 bits, from 0)"
+    wrappers = _wrappers(quantize_model(model, cfg))
+    assert type(wrappers["b_relu"].layer).__name__ == "ReLU"
+    assert not wrappers["b_relu"]._output_quantizers and not wrappers["side"]._output_quantizers
+
+
 def test_a_skipped_relu_still_clamps():
     """A ReLU that would fuse into its conv, skipped (left in float), stays a ReLU: before, it
     became qat's identity FusedReLU without the quantizer that computes it, and negatives passed."""
