@@ -34,7 +34,10 @@ def export_model(qmodel: tf_keras.Model, model: tf_keras.Model, x: Inputs, y: np
     """Fold, write SavedModel + float/int8 TFLite + report.json to `out_dir`, evaluate the files
     on (x, y); `x`: an array, or one per model input (a list, or a dict by input name).
     `model`: the prepared float model `qmodel` came from (left untouched); `settings`:
-    the QuantConfig `qmodel` was made with."""
+    the QuantConfig `qmodel` was made with (default: the one `qat.quantize_model` recorded on
+    it; a model rebuilt without it needs them passed; bits that differ from the model's stop
+    the export)."""
     float_model = tf_keras.models.clone_model(model)  # same layer names, fresh weights
-    return export_quant_model(qmodel, float_model, x, y, out_dir, settings or QuantConfig(),
+    settings = settings or getattr(qmodel, "_qat_quant_config", None) or QuantConfig()
+    return export_quant_model(qmodel, float_model, x, y, out_dir, settings,
                               export_settings or ExportConfig())

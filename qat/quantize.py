@@ -839,4 +839,7 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None,
         float_params = (cfg.bn == "fold" and name in pairs) or name in skipped
         wrapper.layer.quant_switch.assign(0 if float_params else 1)
         wrapper.layer.freeze_switch.assign(0)
+    # The settings this model was made with, for `qat.export_model` to default to: exported
+    # under other bits, the file computes another model (not tracked or saved by Keras).
+    object.__setattr__(qmodel, "_qat_quant_config", cfg)
     return qmodel

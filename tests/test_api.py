@@ -89,3 +89,33 @@ def test_two_input_model_keeps_a_range_per_input_and_feeds_each(tmp_path):
     reference = qmodel.predict(x_val, verbose=0)
     assert np.abs(fed - reference).max() < 0.1 * np.abs(reference).max()
     assert np.abs(swapped - reference).max() > np.abs(fed - reference).max()
+
+
+def test_export_defaults_to_the_bits_the_model_was_quantized_with(tmp_path):
+    """`export_model` without `settings` used QuantConfig() (8 bits): after a w4a4 QAT the file
+    held 8-bit tensors where QAT rounded to 4 (helper's probe: agreement 0.89). It now takes the
+    config `quantize_model` recorded, and settings with other bits stop the export in one line
+    before anything is written."""
+    import qat
+    from qat.config import ModelConfig, QuantConfig
+    from qat.errors import ExportError
+    from qat.models import build_model
+
+    arrays = load_arrays(DataConfig())
+    tf_keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(width=8), arrays.input_shape, arrays.num_classes)
+    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(tf_keras.optimizers.Adam(3e-3), loss)
+    model.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=4, verbose=0)
+    w4a4 = QuantConfig(weight_bits=4, activation_bits=4)
+    qmodel = qat.quantize_model(model, w4a4)
+    qmodel.compile(tf_keras.optimizers.Adam(1e-4), loss)
+    qmodel.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=1, verbose=0)
+
+    wrong = tmp_path / "wrong"
+    with pytest.raises(ExportError, match="pass the QuantConfig the QAT model was made with"):
+        qat.export_model(qmodel, model, arrays.x_val, arrays.y_val, str(wrong), QuantConfig())
+    assert not (wrong / "model_int8.tflite").exists()
+    report = qat.export_model(qmodel, model, arrays.x_val, arrays.y_val, str(tmp_path / "out"))
+    assert report["qat_val_accuracy"] > 0.5
+    assert report["int8_agreement"] >= 0.99 and report["int8_logit_error"] < 0.01
