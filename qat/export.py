@@ -203,7 +203,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def _input_key(model: tf_keras.Model, quantize_layer: QuantizeLayer) -> str:
     """An input's range is keyed by the input's position (auto-generated input names differ
     between builds): one range per input."""
-    (node,) = quantize_layer.inbound_nodes
+    node = quantize_layer.inbound_nodes[0]  # one per layer the input feeds, the same input
     return f"input {model.input_names.index(node.inbound_layers.name)}"
 
 
@@ -265,13 +265,13 @@ def _check_bits(source: tf_keras.Model, target: tf_keras.Model, aliases: dict[st
         key = aliases[name] if aliases.get(name) in src_out else name
         if key in src_out and src_out[key] != bits:
             raise ExportError(f"{key}: the QAT model quantizes its output to {src_out[key]} bits, "
-                              f"the export's settings to {bits}: pass the QuantConfig the QAT "
-                              "model was made with")
+                              f"the file would to {bits}: pass the QuantConfig the QAT model "
+                              "was made with as `settings`")
     for name, bits in dst_kernel.items():
         if name in src_kernel and src_kernel[name] != bits:
             raise ExportError(f"{name}: the QAT model quantizes its kernel to {src_kernel[name]} "
-                              f"bits, the export's settings to {bits}: pass the QuantConfig the "
-                              "QAT model was made with")
+                              f"bits, the file would to {bits}: pass the QuantConfig the QAT "
+                              "model was made with as `settings`")
 
 
 def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
@@ -400,14 +400,18 @@ def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model, folded: tf_ke
     # bits; 8 bits gives it the int32 bias grid the QAT model computes (qat.bias_grid).
     lone_bns = {layer.name for layer in unfolded.layers
                 if isinstance(layer, QuantBatchNorm) and layer.name not in pairs}
+    # A folded linear layer's output is the BN's in QAT (the conv's own output fused into it):
+    # its bits are the BN's (with 8-bit ends, a stem conv at a8 before its a4 BN).
+    bn_of = {linear: bn for bn, linear in pairs.items()}
     layers = {}
     for layer in folded.layers:
         if isinstance(layer, tf_keras.layers.InputLayer):
             continue
         override = resolved.get(layer.name, LayerOverride())
+        output = resolved.get(bn_of.get(layer.name, layer.name), LayerOverride())
         layers[glob.escape(layer.name)] = LayerOverride(
             weight_bits=8 if layer.name in lone_bns else override.weight_bits or quant.weight_bits,
-            activation_bits=override.activation_bits or quant.activation_bits,
+            activation_bits=output.activation_bits or quant.activation_bits,
             skip=override.skip)
     return dataclasses.replace(quant, range="ema", layers=layers)
 

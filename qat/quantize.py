@@ -549,24 +549,24 @@ def on_concat_range(producer, configs: dict[str, LayerQuantizeConfig]) -> bool:
     puts such an input straight onto that scale (dropping any FakeQuant of its own): a range of
     its own would round it twice and clamp it where the file does not (measured on a conv with
     a side conv concatenated: agreement 0.52 with one). tfmot's ConcatTransform does the same."""
-    outbound = consumers(producer)
+    outbound = list({id(layer): layer for layer in consumers(producer)}.values())
     if len(outbound) != 1 or type(outbound[0]).__name__ != "Concatenate":
-        return False
+        return False  # (one layer may read it twice: still only the concatenation's input)
     concat = outbound[0]
     channels_last = concat.axis in (-1, len(concat.output_shape) - 1)  # the bias grid's axis
-    return (channels_last and producers(concat).count(producer) == 1
-            and configs[concat.name].output_bits is not None
+    return (channels_last and configs[concat.name].output_bits is not None
             and configs[concat.name].output_range is None)
 
 
 def _share_concat_ranges(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
                          skipped: frozenset[str]) -> None:
     """Drop the output quantizer of every layer `on_concat_range`, where its own range would
-    be a grid of the same bits (not TFLite's fixed grid of a LOGISTIC, say, or 8 bits feeding
-    a 4-bit concatenation: the file requantizes those)."""
+    be a grid of the same bits (not TFLite's fixed grid of a LOGISTIC, say, at any bits, or 8
+    bits feeding a 4-bit concatenation: the file requantizes those)."""
     for layer in model.layers:
         config = configs.get(layer.name)
         if (config is None or config.output_bits is None or config.output_range is not None
+                or getattr(rule_for(layer), "fixed_range", None)  # below 8 bits too
                 or layer.name in skipped or type(layer).__name__ == "Concatenate"
                 or not on_concat_range(layer, configs)):
             continue

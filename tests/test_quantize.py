@@ -390,12 +390,15 @@ def test_inputs_feeding_only_a_concatenation_take_its_range():
     inputs = tf_keras.Input((8, 8, 1))
     a = layers.ReLU(name="a_relu")(layers.Conv2D(4, 3, name="a")(inputs))
     b = layers.ReLU(name="b_relu")(layers.Conv2D(4, 3, padding="same", name="b")(a))
-    branches = [b, layers.Conv2D(2, 1, name="side")(a), layers.Conv2D(2, 1, name="low")(a)]
+    twice = layers.Conv2D(2, 1, name="twice")(a)  # read twice by the concatenation, only by it
+    branches = [b, layers.Conv2D(2, 1, name="side")(a), layers.Conv2D(2, 1, name="low")(a),
+                twice, twice]
     x = layers.GlobalAveragePooling2D(name="gap")(layers.Concatenate(name="cat")(branches))
     model = tf_keras.Model(inputs, layers.Dense(3, name="logits")(x))
     cfg = QuantConfig(layers={"low": LayerOverride(activation_bits=4)})
     plan = {entry["layer"]: entry["output"] for entry in quantization_plan(model, cfg)}
-    assert plan["b_relu"] == plan["side"] == "the range of cat (a concatenation's input)"
+    assert plan["b_relu"] == plan["side"] == plan["twice"] == (
+        "the range of cat (a concatenation's input)")
     assert plan["low"] == "int8 range (4 bits)"
     assert plan["a_relu"] == "int8 range (8 bits, from 0)"
     wrappers = _wrappers(quantize_model(model, cfg))
