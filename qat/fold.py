@@ -88,14 +88,22 @@ def dequantized_float_model(qmodel: tf_keras.Model, float_model: tf_keras.Model)
             continue
         target = float_model.get_layer(wrapper.layer.name)
         # tfmot replaces the inner layer's kernel attribute with its quantized tensor, so the
-        # wrapper, not the inner layer, tracks the variables: match them by name.
-        source = {_short_name(w): w for w in wrapper.weights}
-        quantized = {_short_name(weight): quantizer(weight, False, qvars)
+        # wrapper, not the inner layer, tracks the variables: match them by name. A model
+        # reloaded from .h5 scopes them under the wrapper ('quant_stem/kernel:0').
+        source = {_inner_name(wrapper, w): w for w in wrapper.weights}
+        quantized = {_inner_name(wrapper, weight): quantizer(weight, False, qvars)
                      for weight, quantizer, qvars in wrapper._weight_vars}
         for weight in target.weights:
-            key = _short_name(weight)
-            weight.assign(quantized[key] if key in quantized else source[key])
+            name = _short_name(weight)
+            weight.assign(quantized[name] if name in quantized else source[name])
     return float_model
+
+
+def _inner_name(wrapper, variable) -> str:
+    """A wrapper's variable by the inner layer's name, as the float model's is named."""
+    name = _short_name(variable)
+    scope, _, rest = name.partition("/")
+    return f"{wrapper.layer.name}/{rest}" if scope == wrapper.name and rest else name
 
 
 def _short_name(variable) -> str:

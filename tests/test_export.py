@@ -552,3 +552,34 @@ def test_a_relu6_kept_under_a_learned_range_stays_in_the_file(tmp_path):
     report = export_quant_model(qmodel, net(), x, labels, str(tmp_path / "out"), quant,
                                 ExportConfig(int8_io=False))
     assert report["int8_agreement"] == 1.0 and report["int8_logit_error"] < 1e-3
+
+
+def test_a_qat_model_reloaded_from_h5_exports_the_same_int8_model(tmp_path):
+    """Reloaded from .h5, a wrapper's variables are named under the wrapper ('quant_conv/
+    kernel:0'), and the fold, looking them up by the layer's name, failed with a KeyError."""
+    import tf_keras
+
+    from qat.config import QuantConfig
+    from qat.export import export_quant_model
+    from qat.quantize import quantize_model, quantize_scope
+    from tests.conftest import conv_bn_relu6_net as net
+
+    tf_keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (64, 4, 4, 2)).astype("float32")
+    labels = rng.integers(0, 3, 64)
+    quant = QuantConfig()
+    qmodel = quantize_model(net(), quant)
+    qmodel(x, training=True)  # ranges from one batch
+    qmodel.save(str(tmp_path / "qat.h5"))
+    with quantize_scope():
+        reloaded = tf_keras.models.load_model(str(tmp_path / "qat.h5"), compile=False)
+    reports = [export_quant_model(model, net(), x, labels, str(tmp_path / name), quant,
+                                  ExportConfig(int8_io=False))
+               for model, name in ((qmodel, "original"), (reloaded, "reloaded"))]
+    from qat.export import tflite_logits
+
+    original, again = (tflite_logits(str(tmp_path / name / "model_int8.tflite"), x)
+                       for name in ("original", "reloaded"))
+    np.testing.assert_array_equal(again, original)  # the same int8 file, but for its names
+    assert reports[1]["int8_agreement"] == 1.0
