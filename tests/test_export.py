@@ -583,3 +583,42 @@ def test_a_qat_model_reloaded_from_h5_exports_the_same_int8_model(tmp_path):
                        for name in ("original", "reloaded"))
     np.testing.assert_array_equal(again, original)  # the same int8 file, but for its names
     assert reports[1]["int8_agreement"] == 1.0
+
+
+def test_a_4_bit_input_is_fed_to_the_file_on_the_qat_models_grid(tmp_path, monkeypatch):
+    """w4a4 without 8-bit ends: the input itself has 16 levels, and digits pixels sit on half
+    steps of that grid. The evaluation feeds the file the level the QAT model's FakeQuant picks
+    (measured: agreement 1.000, logit error 0.0); np.round(x / scale) picked another level for
+    a pixel 0.5 (0.986, found by a helper)."""
+    import tf_keras
+    from tf_keras import layers
+
+    import qat
+    from qat import export as export_module
+    from qat.config import QuantConfig
+
+    def conv_bn_relu(x, name):
+        x = layers.Conv2D(8, 3, padding="same", use_bias=False, name=name)(x)
+        return layers.ReLU(name=f"{name}_relu")(
+            layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x))
+
+    arrays = load_arrays(DataConfig())
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input(arrays.input_shape)
+    x = layers.Conv2D(16, 1, name="mix")(conv_bn_relu(conv_bn_relu(inputs, "a"), "b"))
+    keras_model = tf_keras.Model(inputs, layers.Dense(arrays.num_classes, name="logits")(
+        layers.GlobalAveragePooling2D(name="gap")(x)))
+    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    keras_model.compile(tf_keras.optimizers.Adam(0.01), loss)
+    keras_model.fit(arrays.x_train, arrays.y_train, epochs=5, verbose=0)
+    model = qat.prepare(keras_model)
+    qmodel = qat.quantize_model(model, QuantConfig(weight_bits=4, activation_bits=4,
+                                                   ends_8_bits=False))
+    qmodel.compile(tf_keras.optimizers.Adam(1e-3), loss)
+    qmodel.fit(arrays.x_train, arrays.y_train, epochs=2, verbose=0)
+    report = qat.export_model(qmodel, model, arrays.x_val, arrays.y_val, str(tmp_path / "a"))
+    assert report["qat_val_accuracy"] > 0.5
+    assert report["int8_agreement"] == 1.0 and report["int8_logit_error"] < 1e-3
+    monkeypatch.setattr(export_module, "qat_input_grid", lambda qmodel: lambda name, x: x)
+    plain = qat.export_model(qmodel, model, arrays.x_val, arrays.y_val, str(tmp_path / "b"))
+    assert plain["int8_agreement"] < 1.0  # what the grid fixes: np.round alone disagrees
