@@ -8,7 +8,7 @@
 
 The same functions the CLI runs (`qat.sources`, `qat.quantize`, `qat.export`); the settings are
 the CLI's dataclasses, so every `quant.*` / `export.*` key is available here too.
-(`qat.quantize_model` is `qat.quantize.quantize_model`: `settings` default to QuantConfig().)
+(`qat.quantize_model` is `qat.quantize.quantize_model`: `cfg` defaults to QuantConfig().)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tf_keras
 
 from qat.config import ExportConfig, QuantConfig
 from qat.convert import convert_batchnorms
+from qat.errors import ExportError
 from qat.export import Inputs, export_quant_model
 from qat.sources import as_logits
 
@@ -35,9 +36,12 @@ def export_model(qmodel: tf_keras.Model, model: tf_keras.Model, x: Inputs, y: np
     on (x, y); `x`: an array, or one per model input (a list, or a dict by input name).
     `model`: the prepared float model `qmodel` came from (left untouched); `settings`:
     the QuantConfig `qmodel` was made with (default: the one `qat.quantize_model` recorded on
-    it; a model rebuilt without it needs them passed; bits that differ from the model's stop
-    the export)."""
+    it; a reloaded or rebuilt model has no record: pass `settings`; bits that differ from the
+    model's stop the export)."""
+    settings = settings or getattr(qmodel, "_qat_quant_config", None)
+    if settings is None:
+        raise ExportError(f"{qmodel.name} carries no QuantConfig (reloaded or rebuilt?): pass "
+                          "the one it was quantized with as settings=")
     float_model = tf_keras.models.clone_model(model)  # same layer names, fresh weights
-    settings = settings or getattr(qmodel, "_qat_quant_config", None) or QuantConfig()
     return export_quant_model(qmodel, float_model, x, y, out_dir, settings,
                               export_settings or ExportConfig())

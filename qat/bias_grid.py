@@ -10,9 +10,10 @@ steps at the logits; with the bias rounded, 0.003 against TFLite's default XNNPA
 difference round(B/g)·g − B of the int8 op it closes — a conv/depthwise/dense (its own ReLU or
 ReLU6 included) and optionally the BN folded into it, or a BN with nothing to fold into (a 1×1
 depthwise conv in the file, its multiplier an 8-bit kernel), then optionally a ReLU or ReLU6
-that TFLite fuses, or those of a concatenation's inputs quantized on its range — or None for
-any other layer. A ReLU computed by its quantizer
-(`FusedReLU`: every plain ReLU, and ReLU6 under EMA ranges) gets the difference before the
+that TFLite fuses — or None for any other layer. For a Concatenate's quantizer: the
+differences of its inputs on its range side by side (zeros for inputs that keep a range of
+their own). A ReLU computed by its quantizer (`FusedReLU`: every plain ReLU that fuses, but
+one on a concatenation's range, and ReLU6 under EMA ranges) gets the difference before the
 quantizer's clamp, as the file adds it; after a ReLU layer it is added to the clamped value: the
 same output, since it is below half an output step (it is a fraction of the accumulator step g)
 and the clamp's ends 0 and 6 are grid points or the range's ends. The layers
@@ -121,13 +122,13 @@ def _kernel_steps(linear, multiplier):
 
 
 def _concatenated_rounding(concat) -> tf.Tensor | None:
-    """A concatenation's quantizer closes the ops of the inputs it quantizes (those with no
-    range of their own, qat.quantize.on_concat_range): their roundings side by side along the
-    channel axis, zeros for every other input; None where none has one."""
+    """A concatenation's quantizer closes the ops of the inputs on its range (their config's
+    `concat_range`, qat.quantize): their roundings side by side along the channel axis, zeros
+    for every other input; None where none has one."""
     parts, found = [], False
     for producer in producers(concat):
-        rounding = (None if getattr(producer, "_output_quantizers", None)
-                    else bias_rounding(producer))
+        on_its_range = getattr(getattr(producer, "quantize_config", None), "concat_range", None)
+        rounding = bias_rounding(producer) if on_its_range else None
         found = found or rounding is not None
         parts.append(rounding if rounding is not None else tf.zeros(producer.output_shape[-1]))
     return tf.concat(parts, axis=0) if found else None

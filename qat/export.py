@@ -120,9 +120,11 @@ class TFLiteModel:
 
         self.path = path
         # Int8 inputs: put each batch on the QAT model's input grid first (`qat_input_grid`),
-        # so it gets the level the QAT model's FakeQuant picks. np.round(x / scale) alone rounds
-        # a half step differently: a 4-bit input's pixel 0.5 (0.14 % of the digits values) went
-        # one level off, agreement 0.986 instead of 1.000 (w4a4 without 8-bit ends).
+        # so it gets the level the QAT model's FakeQuant picks. FakeQuant rounds
+        # floor(x · (1/step) + 0.5) with a float32 inverse step, np.round(x / step) half to
+        # even on a true division: at a value on a half step they can land one level apart
+        # (a 4-bit input's pixel 0.5, 0.14 % of the digits values: agreement 0.986 instead of
+        # 1.000 at w4a4 without 8-bit ends). `tflite_logits` keeps plain rounding.
         self.input_grid = input_grid
         # Reference kernels: TFLite's plain C++ ops instead of the default (XNNPACK) ones. Two
         # correct int8 runtimes may round differently; comparing them gives the noise floor.
@@ -230,7 +232,10 @@ def qat_input_grid(qmodel: tf_keras.Model) -> Callable[[str, np.ndarray], np.nda
         layer = quantizers.get(name)
         if layer is None and len(quantizers) == 1:  # one input: the file may name it otherwise
             (layer,) = quantizers.values()
-        return batch if layer is None else layer(tf.constant(batch), training=False).numpy()
+        if layer is None:
+            raise ExportError(f"the int8 file's input {name!r} is none of the QAT model's "
+                              f"inputs {sorted(quantizers)}")
+        return layer(tf.constant(batch), training=False).numpy()
 
     return on_grid
 
@@ -293,13 +298,13 @@ def _check_bits(source: tf_keras.Model, target: tf_keras.Model, aliases: dict[st
         key = aliases[name] if aliases.get(name) in src_out else name
         if key in src_out and src_out[key] != bits:
             raise ExportError(f"{key}: the QAT model quantizes its output to {src_out[key]} bits, "
-                              f"the file would to {bits}: pass the QuantConfig the QAT model "
-                              "was made with as `settings`")
+                              f"the file would quantize it to {bits}: export with the "
+                              "QuantConfig the QAT model was made with (settings=)")
     for name, bits in dst_kernel.items():
         if name in src_kernel and src_kernel[name] != bits:
             raise ExportError(f"{name}: the QAT model quantizes its kernel to {src_kernel[name]} "
-                              f"bits, the file would to {bits}: pass the QuantConfig the QAT "
-                              "model was made with as `settings`")
+                              f"bits, the file would quantize it to {bits}: export with the "
+                              "QuantConfig the QAT model was made with (settings=)")
 
 
 def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
@@ -384,21 +389,20 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     batches = x if callable(x) else array_batches(x, y)
     unfolded = dequantized_float_model(qmodel, float_model)
     folded = fold_batchnorms(unfolded)
-    (qat_logits, unfolded_logits, folded_logits), labels = predict_each(
-        [keras_logits(m) for m in (qmodel, unfolded, folded)], batches)
-    fold_diff = check_parity(unfolded_logits, folded_logits, export.fold_tolerance)
-
     # The converted model holds plain min/max ranges: learned ones are copied into them.
     pairs = folding_pairs(unfolded)
     qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded, pairs),
                              keep_relus=kept_relus(qmodel))
     aliases = {linear: bn for bn, linear in pairs.items()}
-    _check_bits(qmodel, qfolded, aliases)
+    _check_bits(qmodel, qfolded, aliases)  # before the next two change quantizers' bits
     store_low_bits_as_int8(qfolded)
     for quantizer in activation_quantizers(qfolded):  # the converter rounds biases itself
         quantizer.file_bias = False
     _copy_activation_ranges(qmodel, qfolded, aliases)
     _set_kernel_ranges(qfolded)
+    (qat_logits, unfolded_logits, folded_logits), labels = predict_each(
+        [keras_logits(m) for m in (qmodel, unfolded, folded)], batches)
+    fold_diff = check_parity(unfolded_logits, folded_logits, export.fold_tolerance)
 
     staging = f"{out_dir}.partial"
     shutil.rmtree(staging, ignore_errors=True)

@@ -122,13 +122,13 @@ class QuantBatchNorm(tf_keras.layers.Layer):
         pass (~4 ms of a 52 ms MobileNetV2 step on one CPU thread, `make bench`). The sum is the
         quantized value exactly where the two lie within a factor 2 of each other (Sterbenz),
         else to within a couple of float32 roundings (an affine beta': <= 2 ulp measured)."""
-        frozen = tuple(tf.stop_gradient(f) for f in float_values)
+        detached = tuple(tf.stop_gradient(f) for f in float_values)
 
         def correction():
-            return tuple(q - f for q, f in zip(quantized(*frozen), frozen, strict=True))
+            return tuple(q - f for q, f in zip(quantized(*detached), detached, strict=True))
 
         corrections = tf.cond(tf.not_equal(self.quant_switch, 0), correction,
-                              lambda: tuple(tf.zeros_like(f) for f in frozen))
+                              lambda: tuple(tf.zeros_like(f) for f in detached))
         return tuple(f + c for f, c in zip(float_values, corrections, strict=True))
 
     def scale_and_shift(self) -> tuple[tf.Tensor, tf.Tensor]:

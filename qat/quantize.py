@@ -216,9 +216,10 @@ class KernelQuantizer(tfq.quantizers.LastValueQuantizer):
     (~3 ms of a 52 ms MobileNetV2 α 0.35 step on one CPU thread, `make bench`), and its mask
     cuts a channel's extreme weight where the range nudge's rounding puts it just outside
     (3 of 1280 channels at 8 bits in a review probe): that weight now gets its gradient.
-    A narrow symmetric range, as qat's kernels use, is [-max|k|, max|k|]: tfmot's min, max,
-    minimum and maximum give exactly that, here in half the ops (each op costs ~2 µs of step on
-    CPU, whatever its size). Inference keeps the plain FakeQuant: it is what the converter reads.
+    A narrow symmetric range, as qat's kernels use, is [-max|k|, max|k|]: tfmot's min, max, a
+    division, minimum and maximum give exactly that; here abs, max and a negation (each op costs
+    ~2 µs of step on CPU, whatever its size). Inference keeps the plain FakeQuant: it is what the
+    converter reads. A wide range (qat builds none; tfmot's arithmetic) keeps tfmot's path.
     """
 
     def __call__(self, inputs, training, weights, **kwargs):
@@ -384,7 +385,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
                  weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99,
                  relu: bool = False, bn_name: str | None = None, learned: bool = False,
                  output_range: tuple[float, float] | None = None, learned_max_bits: int = 8,
-                 cap: float | None = None):
+                 cap: float | None = None, concat_range: str | None = None):
         self.kernel_attr = kernel_attr
         self.kernel = kernel
         self.weight_bits = weight_bits
@@ -396,6 +397,8 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
         self.learned = learned  # quant.range=learned
         self.learned_max_bits = learned_max_bits  # ... for quantizers with at most these bits
         self.output_range = tuple(output_range) if output_range else None
+        # The Concatenate whose range quantizes this output, which then has no quantizer here
+        self.concat_range = concat_range
         self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits, bn_name,
                                                   learned and weight_bits <= learned_max_bits)
         self.output_quantizer = (
@@ -403,10 +406,10 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
                                 learned=learned and output_bits <= learned_max_bits, cap=cap)
             if output_bits is not None else None)
 
-    def without_output(self) -> LayerQuantizeConfig:
-        """The same kernel quantization, no output quantizer."""
+    def on_range_of(self, concat: str) -> LayerQuantizeConfig:
+        """The same kernel quantization, the output on the range of the Concatenate `concat`."""
         return LayerQuantizeConfig(**{**self.get_config(), "output_bits": None, "relu": False,
-                                      "cap": None})
+                                      "cap": None, "concat_range": concat})
 
     def get_weights_and_quantizers(self, layer):
         if self.kernel_quantizer is None:
@@ -431,7 +434,8 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
                 "weight_bits": self.weight_bits, "output_bits": self.output_bits,
                 "ema_decay": self.ema_decay, "relu": self.relu, "bn_name": self.bn_name,
                 "learned": self.learned, "output_range": self.output_range,
-                "learned_max_bits": self.learned_max_bits, "cap": self.cap}
+                "learned_max_bits": self.learned_max_bits, "cap": self.cap,
+                "concat_range": self.concat_range}
 
 
 def _kernel_quantizer(kind: str | None, bits: int, bn_name: str | None = None,
@@ -543,35 +547,36 @@ def relu_fuses(layer, pairs: dict[str, str]) -> bool:
     return len(inbound) == 1 and fuses_into(inbound[0], layer, pairs)
 
 
-def on_concat_range(producer, configs: dict[str, LayerQuantizeConfig]) -> bool:
-    """True when `producer`'s output is quantized on the range of the Concatenate it alone
-    feeds. TFLite's int8 CONCATENATION takes its inputs on its output's scale, and the converter
-    puts such an input straight onto that scale (dropping any FakeQuant of its own): a range of
-    its own would round it twice and clamp it where the file does not (measured on a conv with
-    a side conv concatenated: agreement 0.52 with one). tfmot's ConcatTransform does the same."""
+def feeds_only_a_channel_concat(producer) -> bool:
+    """True when `producer`'s output feeds nothing but one Concatenate on the channel axis (the
+    axis the bias grid's per-channel rounding runs along); it may read it twice."""
     outbound = list({id(layer): layer for layer in consumers(producer)}.values())
     if len(outbound) != 1 or type(outbound[0]).__name__ != "Concatenate":
-        return False  # (one layer may read it twice: still only the concatenation's input)
+        return False
     concat = outbound[0]
-    channels_last = concat.axis in (-1, len(concat.output_shape) - 1)  # the bias grid's axis
-    return (channels_last and configs[concat.name].output_bits is not None
-            and configs[concat.name].output_range is None)
+    return concat.axis in (-1, len(concat.output_shape) - 1)
 
 
 def _share_concat_ranges(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
                          skipped: frozenset[str]) -> None:
-    """Drop the output quantizer of every layer `on_concat_range`, where its own range would
-    be a grid of the same bits (not TFLite's fixed grid of a LOGISTIC, say, at any bits, or 8
-    bits feeding a 4-bit concatenation: the file requantizes those)."""
+    """Quantize a concatenation's inputs on its range where the int8 file does. TFLite's int8
+    CONCATENATION takes its inputs on its output's scale, and the converter puts an input that
+    feeds nothing else straight onto that scale (dropping any FakeQuant of its own): a range of
+    its own rounded it twice and clamped it where the file does not (agreement 0.34 on the
+    export test's net). tfmot's ConcatTransform does the same. Not for an output on TFLite's
+    fixed grid (a LOGISTIC, say, at any bits) or of other bits than the concatenation's (8
+    bits into a 4-bit one): the file requantizes those. Not for a Concatenate feeding one:
+    each keeps its range, so the result does not depend on the order layers are visited."""
     for layer in model.layers:
         config = configs.get(layer.name)
-        if (config is None or config.output_bits is None or config.output_range is not None
-                or getattr(rule_for(layer), "fixed_range", None)  # below 8 bits too
+        if (config is None or config.output_bits is None
+                or getattr(rule_for(layer), "fixed_range", None)
                 or layer.name in skipped or type(layer).__name__ == "Concatenate"
-                or not on_concat_range(layer, configs)):
+                or not feeds_only_a_channel_concat(layer)):
             continue
-        if config.output_bits == configs[consumers(layer)[0].name].output_bits:
-            configs[layer.name] = config.without_output()
+        concat = configs[consumers(layer)[0].name]
+        if concat.output_bits == config.output_bits:
+            configs[layer.name] = config.on_range_of(consumers(layer)[0].name)
 
 
 def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
@@ -638,7 +643,7 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
             continue
         for producer in producers(layer):
             if not (has_range[producer.name] or fuses_into(producer, layer, pairs)
-                    or on_concat_range(producer, configs)
+                    or getattr(configs.get(producer.name), "concat_range", None)
                     or producer.name in skipped or layer.name in skipped):
                 raise ConfigError(
                     f"layer {layer.name} ({type(layer).__name__}) reads {producer.name} "
@@ -761,8 +766,8 @@ def quantization_plan(model: tf_keras.Model, cfg: QuantConfig) -> list[dict]:
                       f"{', learned' if learned else ''})")
         elif len(outbound) == 1 and fuses_into(layer, outbound[0], pairs):
             output = f"fused into {outbound[0].name}"
-        elif on_concat_range(layer, configs):
-            output = f"the range of {outbound[0].name} (a concatenation's input)"
+        elif config.concat_range is not None:
+            output = f"the range of {config.concat_range} (a concatenation's input)"
         else:
             output = "its input's range"
         entry = {"layer": layer.name, "type": _describe(layer), "output": output}

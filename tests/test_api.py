@@ -100,6 +100,7 @@ def test_export_defaults_to_the_bits_the_model_was_quantized_with(tmp_path):
     from qat.config import ModelConfig, QuantConfig
     from qat.errors import ExportError
     from qat.models import build_model
+    from qat.quantize import quantize_scope
 
     arrays = load_arrays(DataConfig())
     tf_keras.utils.set_random_seed(0)
@@ -113,9 +114,13 @@ def test_export_defaults_to_the_bits_the_model_was_quantized_with(tmp_path):
     qmodel.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=1, verbose=0)
 
     wrong = tmp_path / "wrong"
-    with pytest.raises(ExportError, match="pass the QuantConfig the QAT model was made with"):
+    with pytest.raises(ExportError, match="export with the QuantConfig the QAT model was made"):
         qat.export_model(qmodel, model, arrays.x_val, arrays.y_val, str(wrong), QuantConfig())
-    assert not (wrong / "model_int8.tflite").exists()
+    assert not wrong.exists() and not (tmp_path / "wrong.partial").exists()
+    with quantize_scope():  # a clone keeps no record: settings needed
+        unrecorded = tf_keras.models.clone_model(qmodel)
+    with pytest.raises(ExportError, match="carries no QuantConfig"):
+        qat.export_model(unrecorded, model, arrays.x_val, arrays.y_val, str(wrong))
     report = qat.export_model(qmodel, model, arrays.x_val, arrays.y_val, str(tmp_path / "out"))
     assert report["qat_val_accuracy"] > 0.5
     assert report["int8_agreement"] >= 0.99 and report["int8_logit_error"] < 0.01
