@@ -240,6 +240,20 @@ def qat_input_grid(qmodel: tf_keras.Model) -> Callable[[str, np.ndarray], np.nda
     return on_grid
 
 
+def _range_key(model: tf_keras.Model, layer) -> str:
+    """The name a layer's ranges are matched by across the QAT and the folded model: the
+    input's position for an input quantizer, else the (wrapped) layer's name."""
+    if isinstance(layer, QuantizeLayer):
+        return _input_key(model, layer)
+    return getattr(getattr(layer, "layer", None), "name", layer.name)
+
+
+def _aliased(name: str, aliases: dict[str, str], source: dict) -> str:
+    """`name`, or the BN folded into it where the QAT model's entry is the BN's."""
+    alias = aliases.get(name)
+    return alias if source.get(alias) else name
+
+
 def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
                             aliases: dict[str, str]) -> None:
     """Give the folded fake-quant model the activation ranges learned during QAT (by layer name).
@@ -250,8 +264,7 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
     def ranges(model):
         found = {}
         for layer in model.layers:
-            key = _input_key(model, layer) if isinstance(layer, QuantizeLayer) else getattr(
-                getattr(layer, "layer", None), "name", layer.name)
+            key = _range_key(model, layer)
             kinds = {w.name.split(":")[0].rsplit("_", 1)[-1]: w for w in layer.weights
                      if "kernel" not in w.name}
             found[key] = {k: w for k, w in kinds.items() if k in ("min", "max", "seen")}
@@ -259,8 +272,7 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
 
     src = ranges(source)
     for name, variables in ranges(target).items():
-        if name in aliases and src.get(aliases[name]):
-            name = aliases[name]
+        name = _aliased(name, aliases, src)
         for short, var in variables.items():
             if name not in src or short not in src[name]:
                 raise ExportError(f"no learned range for {name}/{short} in the QAT model: the "
@@ -275,10 +287,10 @@ def _quantizer_bits(model: tf_keras.Model) -> tuple[dict[str, int], dict[str, in
     """({layer or input key: output bits}, {layer: kernel bits}) of a quantized model."""
     outputs, kernels = {}, {}
     for layer in model.layers:
+        name = _range_key(model, layer)
         if isinstance(layer, QuantizeLayer):
-            outputs[_input_key(model, layer)] = layer.quantizer.num_bits
+            outputs[name] = layer.quantizer.num_bits
             continue
-        name = getattr(getattr(layer, "layer", None), "name", layer.name)
         quantizers = getattr(layer, "_output_quantizers", None) or []
         if quantizers and hasattr(quantizers[0], "num_bits"):
             outputs[name] = quantizers[0].num_bits
@@ -288,23 +300,20 @@ def _quantizer_bits(model: tf_keras.Model) -> tuple[dict[str, int], dict[str, in
     return outputs, kernels
 
 
-def _check_bits(source: tf_keras.Model, target: tf_keras.Model, aliases: dict[str, str]) -> None:
+def _check_quantizer_bits(source: tf_keras.Model, target: tf_keras.Model,
+                          aliases: dict[str, str]) -> None:
     """Stop unless the model the converter reads quantizes every tensor and kernel with the bits
     the QAT model trained with. The export's plan comes from the QuantConfig it is given: one
     other than the QAT model's (e.g. `qat.export_model` without `settings` after a w4a4 QAT)
     wrote 8-bit tensors and kernels where QAT rounded to 4 bits (measured: agreement 0.89)."""
-    (src_out, src_kernel), (dst_out, dst_kernel) = _quantizer_bits(source), _quantizer_bits(target)
-    for name, bits in dst_out.items():
-        key = aliases[name] if aliases.get(name) in src_out else name
-        if key in src_out and src_out[key] != bits:
-            raise ExportError(f"{key}: the QAT model quantizes its output to {src_out[key]} bits, "
-                              f"the file would quantize it to {bits}: export with the "
-                              "QuantConfig the QAT model was made with (settings=)")
-    for name, bits in dst_kernel.items():
-        if name in src_kernel and src_kernel[name] != bits:
-            raise ExportError(f"{name}: the QAT model quantizes its kernel to {src_kernel[name]} "
-                              f"bits, the file would quantize it to {bits}: export with the "
-                              "QuantConfig the QAT model was made with (settings=)")
+    for what, src, dst in zip(("output", "kernel"), _quantizer_bits(source),
+                              _quantizer_bits(target), strict=True):
+        for name, bits in dst.items():
+            key = _aliased(name, aliases, src)
+            if key in src and src[key] != bits:
+                raise ExportError(f"{key}: the QAT model quantizes its {what} to {src[key]} bits, "
+                                  f"the file would quantize it to {bits}: export with the "
+                                  "QuantConfig the QAT model was made with (settings=)")
 
 
 def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
@@ -390,11 +399,10 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     unfolded = dequantized_float_model(qmodel, float_model)
     folded = fold_batchnorms(unfolded)
     # The converted model holds plain min/max ranges: learned ones are copied into them.
-    pairs = folding_pairs(unfolded)
-    qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded, pairs),
+    aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}  # linear → its BN
+    qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded, aliases),
                              keep_relus=kept_relus(qmodel))
-    aliases = {linear: bn for bn, linear in pairs.items()}
-    _check_bits(qmodel, qfolded, aliases)  # before the next two change quantizers' bits
+    _check_quantizer_bits(qmodel, qfolded, aliases)  # before the next two change quantizers' bits
     store_low_bits_as_int8(qfolded)
     for quantizer in activation_quantizers(qfolded):  # the converter rounds biases itself
         quantizer.file_bias = False
@@ -423,7 +431,7 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
 
 
 def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model, folded: tf_keras.Model,
-                     pairs: dict[str, str]) -> QuantConfig:
+                     aliases: dict[str, str]) -> QuantConfig:
     """The QAT model's precision plan, layer by layer, for the folded model the converter reads.
     Resolved on the folded model itself, `quant.ends_8_bits` could pick other ends: a BN with
     nothing to fold into becomes a kernel layer there, so a BN right after the input took the
@@ -431,17 +439,17 @@ def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model, folded: tf_ke
     resolved = layer_overrides(unfolded, quant)
     # A BN with nothing to fold into: its multiplier, one value per channel, is exact at any
     # bits; 8 bits gives it the int32 bias grid the QAT model computes (qat.bias_grid).
+    folded_bns = set(aliases.values())
     lone_bns = {layer.name for layer in unfolded.layers
-                if isinstance(layer, QuantBatchNorm) and layer.name not in pairs}
-    # A folded linear layer's output is the BN's in QAT (the conv's own output fused into it):
-    # its bits are the BN's (with 8-bit ends, a stem conv at a8 before its a4 BN).
-    bn_of = {linear: bn for bn, linear in pairs.items()}
+                if isinstance(layer, QuantBatchNorm) and layer.name not in folded_bns}
+    # A folded linear layer's output is the BN's in QAT (`aliases`: the conv's own output fused
+    # into it): its bits are the BN's (with 8-bit ends, a stem conv at a8 before its a4 BN).
     layers = {}
     for layer in folded.layers:
         if isinstance(layer, tf_keras.layers.InputLayer):
             continue
         override = resolved.get(layer.name, LayerOverride())
-        output = resolved.get(bn_of.get(layer.name, layer.name), LayerOverride())
+        output = resolved.get(aliases.get(layer.name, layer.name), LayerOverride())
         layers[glob.escape(layer.name)] = LayerOverride(
             weight_bits=8 if layer.name in lone_bns else override.weight_bits or quant.weight_bits,
             activation_bits=output.activation_bits or quant.activation_bits,

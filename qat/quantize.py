@@ -574,9 +574,9 @@ def _share_concat_ranges(model: tf_keras.Model, configs: dict[str, LayerQuantize
                 or layer.name in skipped or type(layer).__name__ == "Concatenate"
                 or not feeds_only_a_channel_concat(layer)):
             continue
-        concat = configs[consumers(layer)[0].name]
-        if concat.output_bits == config.output_bits:
-            configs[layer.name] = config.on_range_of(consumers(layer)[0].name)
+        concat = consumers(layer)[0].name
+        if configs[concat].output_bits == config.output_bits:
+            configs[layer.name] = config.on_range_of(concat)
 
 
 def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,

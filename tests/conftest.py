@@ -28,6 +28,29 @@ def conv_bn_relu6_net():
     return tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(y))
 
 
+def fine_tuned(build, arrays, float_epochs: int, cfg=None):
+    """A Keras model from `build(input_shape, classes)`, trained in float on the digits, then
+    prepared, quantized (`cfg`: a QuantConfig, default QuantConfig()) and fine-tuned one epoch:
+    (prepared float model, QAT model)."""
+    import tf_keras
+
+    from qat.api import prepare
+    from qat.config import QuantConfig
+    from qat.quantize import quantize_model
+
+    tf_keras.utils.set_random_seed(0)
+    keras_model = build(arrays.input_shape, arrays.num_classes)
+    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    keras_model.compile(tf_keras.optimizers.Adam(3e-3), loss)
+    keras_model.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=float_epochs,
+                    verbose=0)
+    model = prepare(keras_model)
+    qmodel = quantize_model(model, cfg or QuantConfig())
+    qmodel.compile(tf_keras.optimizers.Adam(1e-4), loss)
+    qmodel.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=1, verbose=0)
+    return model, qmodel
+
+
 def run_cli(*args: str, timeout: int = 600,
             extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` from the repository like a user would; returns the finished process."""

@@ -10,6 +10,7 @@ import pytest
 
 from qat.config import DataConfig, ExportConfig, TrainerConfig
 from qat.data import load_arrays
+from tests.conftest import fine_tuned
 
 pytestmark = pytest.mark.slow
 
@@ -271,28 +272,6 @@ def test_stray_batchnorms_are_quantized_and_exported_full_int8(tmp_path):
     assert {"DEPTHWISE_CONV_2D", "LEAKY_RELU"} <= ops and not ops & {"MUL", "DEQUANTIZE"}
 
 
-def _fine_tuned(build, arrays, float_epochs: int):
-    """A Keras model from `build(input_shape, classes)`, trained in float on the digits, then
-    prepared, quantized and fine-tuned one epoch: (prepared float model, QAT model)."""
-    import tf_keras
-
-    from qat.api import prepare
-    from qat.config import QuantConfig
-    from qat.quantize import quantize_model
-
-    tf_keras.utils.set_random_seed(0)
-    keras_model = build(arrays.input_shape, arrays.num_classes)
-    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    keras_model.compile(tf_keras.optimizers.Adam(3e-3), loss)
-    keras_model.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=float_epochs,
-                    verbose=0)
-    model = prepare(keras_model)
-    qmodel = quantize_model(model, QuantConfig())
-    qmodel.compile(tf_keras.optimizers.Adam(1e-4), loss)
-    qmodel.fit(arrays.x_train, arrays.y_train, batch_size=64, epochs=1, verbose=0)
-    return model, qmodel
-
-
 def _residual_relu_model(input_shape, classes):
     """Xception's pattern: each residual sum feeds the next sum AND a ReLU in front of a
     separable conv, so the ReLU cannot fuse into the ADD; plus a ReLU after a concatenation."""
@@ -329,7 +308,7 @@ def test_relus_after_residual_sums_are_in_the_int8_file(tmp_path):
     from qat.api import export_model
 
     arrays = load_arrays(DataConfig())
-    model, qmodel = _fine_tuned(_residual_relu_model, arrays, float_epochs=4)
+    model, qmodel = fine_tuned(_residual_relu_model, arrays, float_epochs=4)
 
     out = str(tmp_path / "export")
     report = export_model(qmodel, model, arrays.x_val, arrays.y_val, out)
@@ -371,7 +350,7 @@ def test_an_input_feeding_only_a_concatenation_is_quantized_on_its_range(tmp_pat
     from qat.api import export_model
 
     arrays = load_arrays(DataConfig())
-    model, qmodel = _fine_tuned(_concat_model, arrays, float_epochs=12)
+    model, qmodel = fine_tuned(_concat_model, arrays, float_epochs=12)
     outputs = {layer.layer.name: bool(layer._output_quantizers) for layer in qmodel.layers
                if hasattr(layer, "_output_quantizers")}
     assert outputs["a_relu"] and outputs["cat"]  # `a` feeds two layers: a range of its own
@@ -419,7 +398,7 @@ def test_sigmoids_round_onto_the_grid_the_int8_file_fixes(tmp_path):
     from qat.api import export_model
 
     arrays = load_arrays(DataConfig())
-    model, qmodel = _fine_tuned(_swish_excite_model, arrays, float_epochs=8)
+    model, qmodel = fine_tuned(_swish_excite_model, arrays, float_epochs=8)
 
     out = str(tmp_path / "export")
     report = export_model(qmodel, model, arrays.x_val, arrays.y_val, out)
