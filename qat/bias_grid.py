@@ -11,15 +11,16 @@ difference round(B/g)·g − B of the int8 op it closes — a conv/depthwise/den
 ReLU6 included) and optionally the BN folded into it, or a BN with nothing to fold into (a 1×1
 depthwise conv in the file, its multiplier an 8-bit kernel), then optionally a ReLU or ReLU6
 that TFLite fuses — or None for any other layer. For a Concatenate's quantizer: the
-differences of its inputs on its range side by side (zeros for inputs that keep a range of
-their own). A ReLU computed by its quantizer (`FusedReLU`: every plain ReLU that fuses, but
-one on a concatenation's range, and ReLU6 under EMA ranges) gets the difference before the
-quantizer's clamp, as the file adds it; after a ReLU layer it is added to the clamped value: the
-same output, since it is below half an output step (it is a fraction of the accumulator step g)
-and the clamp's ends 0 and 6 are grid points or the range's ends. The layers
-are found through the Keras graph when the model runs (as `FoldedKernelQuantizer` finds its BN),
-so a reloaded QAT model computes it too. Inference only: training keeps its gradients as they
-were, and with batch statistics there is no file to match.
+differences of its inputs on its range, each over its part of the output (zeros for inputs
+that keep a range of their own). A ReLU computed by its quantizer (`FusedReLU`: every plain
+ReLU that fuses, but one on a concatenation's range, and ReLU6 under EMA ranges) gets the
+difference before the quantizer's clamp, as the file adds it; after a ReLU layer it is added
+to the clamped value: the same output, since it is below half an output step (it is a
+fraction of the accumulator step g) and the clamp's ends 0 and 6 are grid points or the
+range's ends. The layers are found through the Keras graph when the model runs (as
+`FoldedKernelQuantizer` finds its BN), so a reloaded QAT model computes it too. Inference
+only: training keeps its gradients as they were, and with batch statistics there is no file
+to match.
 """
 
 from __future__ import annotations
@@ -123,15 +124,25 @@ def _kernel_steps(linear, multiplier):
 
 def _concatenated_rounding(concat) -> tf.Tensor | None:
     """A concatenation's quantizer closes the ops of the inputs on its range (their config's
-    `concat_range`, qat.quantize): their roundings side by side along the channel axis, zeros
-    for every other input; None where none has one."""
+    `concat_range`, qat.quantize): each one's per-channel rounding over its part of the output,
+    zeros over the other inputs' parts; None where none has one. On the channel axis that is
+    the vectors side by side; on another, a 1×…×L×…×C tensor that broadcasts over the batch."""
+    inputs = producers(concat)
+    if not inputs:  # the wrapper's first call, while the functional graph is being built
+        return None
+    rank = len(inputs[0].output_shape)
+    axis = _inner(concat).axis % rank
     parts, found = [], False
-    for producer in producers(concat):
+    for producer in inputs:
         on_its_range = getattr(getattr(producer, "quantize_config", None), "concat_range", None)
         rounding = bias_rounding(producer) if on_its_range else None
         found = found or rounding is not None
-        parts.append(rounding if rounding is not None else tf.zeros(producer.output_shape[-1]))
-    return tf.concat(parts, axis=0) if found else None
+        shape = [1] * rank
+        shape[axis] = producer.output_shape[axis]
+        shape[-1] = producer.output_shape[-1]
+        parts.append(tf.zeros(shape) if rounding is None else
+                     tf.broadcast_to(tf.reshape(rounding, [1] * (rank - 1) + [-1]), shape))
+    return tf.concat(parts, axis=axis) if found else None
 
 
 def bias_rounding(wrapper) -> tf.Tensor | None:
