@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 import tf_keras
 
-from qat.config import ExportConfig, QuantConfig
+from qat.config import ExportConfig
 from qat.convert import convert_batchnorms
-from qat.errors import ExportError
 from qat.export import Inputs, export_quant_model
 from qat.sources import as_logits
 
@@ -30,18 +29,12 @@ def prepare(model: tf_keras.Model) -> tf_keras.Model:
 
 
 def export_model(qmodel: tf_keras.Model, model: tf_keras.Model, x: Inputs, y: np.ndarray,
-                 out_dir: str, settings: QuantConfig | None = None,
-                 export_settings: ExportConfig | None = None) -> dict:
+                 out_dir: str, export_settings: ExportConfig | None = None) -> dict:
     """Fold, write SavedModel + float/int8 TFLite + report.json to `out_dir`, evaluate the files
     on (x, y); `x`: an array, or one per model input (a list, or a dict by input name).
-    `model`: the prepared float model `qmodel` came from (left untouched); `settings`:
-    the QuantConfig `qmodel` was made with (default: the one `qat.quantize_model` recorded on
-    it; a reloaded or rebuilt model has no record: pass `settings`; bits that differ from the
-    model's stop the export)."""
-    settings = settings or getattr(qmodel, "_qat_quant_config", None)
-    if settings is None:
-        raise ExportError(f"{qmodel.name} carries no QuantConfig (reloaded or rebuilt?): pass "
-                          "the one it was quantized with as settings=")
+    `model`: the prepared float model `qmodel` came from (left untouched). The file quantizes
+    every tensor and kernel as `qmodel`'s own quantizers do: a reloaded QAT model needs nothing
+    else."""
     float_model = tf_keras.models.clone_model(model)  # same layer names, fresh weights
-    return export_quant_model(qmodel, float_model, x, y, out_dir, settings,
+    return export_quant_model(qmodel, float_model, x, y, out_dir,
                               export_settings or ExportConfig())

@@ -126,23 +126,26 @@ def _concatenated_rounding(concat) -> tf.Tensor | None:
     """A concatenation's quantizer closes the ops of the inputs on its range (their config's
     `concat_range`, qat.quantize): each one's per-channel rounding over its part of the output,
     zeros over the other inputs' parts; None where none has one. On the channel axis that is
-    the vectors side by side; on another, a 1×…×L×…×C tensor that broadcasts over the batch."""
-    inputs = producers(concat)
-    if not inputs:  # the wrapper's first call, while the functional graph is being built
+    the vectors side by side; on another, a 1×…×L×…×C tensor that broadcasts over the batch
+    (None where a part's length L is not known when the graph is built: no rounding then)."""
+    inputs = producers(concat)  # none on the wrapper's first call, while the graph is built
+    roundings = [bias_rounding(producer) if getattr(
+        getattr(producer, "quantize_config", None), "concat_range", None) else None
+        for producer in inputs]
+    if all(rounding is None for rounding in roundings):
         return None
     rank = len(inputs[0].output_shape)
     axis = _inner(concat).axis % rank
-    parts, found = [], False
-    for producer in inputs:
-        on_its_range = getattr(getattr(producer, "quantize_config", None), "concat_range", None)
-        rounding = bias_rounding(producer) if on_its_range else None
-        found = found or rounding is not None
+    parts = []
+    for producer, rounding in zip(inputs, roundings, strict=True):
         shape = [1] * rank
         shape[axis] = producer.output_shape[axis]
         shape[-1] = producer.output_shape[-1]
+        if None in shape:
+            return None
         parts.append(tf.zeros(shape) if rounding is None else
                      tf.broadcast_to(tf.reshape(rounding, [1] * (rank - 1) + [-1]), shape))
-    return tf.concat(parts, axis=axis) if found else None
+    return tf.concat(parts, axis=axis)
 
 
 def bias_rounding(wrapper) -> tf.Tensor | None:

@@ -80,6 +80,20 @@ def _swish(name: str):
     return lambda x, **kwargs: multiply([x, sigmoid(x)])
 
 
+def _spatial_mean(layer):
+    """tf.reduce_mean(x, axis=[1, 2]) on NHWC as GlobalAveragePooling2D (TFLite's MEAN)."""
+    def call(x, axis=None, keepdims=False, name=None):
+        rank = x.shape.rank
+        axes = sorted(int(a) % rank for a in np.atleast_1d(axis)) if axis is not None else None
+        if rank != 4 or axes != [1, 2]:
+            raise ConfigError(f"layer {layer.name} (tf.math.reduce_mean) averages over axes "
+                              f"{axis} of a rank-{rank} tensor: qat rewrites only the spatial "
+                              "mean of NHWC (axis=[1, 2]); use a Keras layer for it")
+        return tf_keras.layers.GlobalAveragePooling2D(keepdims=bool(keepdims),
+                                                      name=layer.name)(x)
+    return call
+
+
 def _split_activation(layer):
     """A conv/dense with a built-in activation TFLite does not fuse (swish, sigmoid...) as the
     linear layer + an Activation layer, so the tensor between them gets a range."""
@@ -119,6 +133,11 @@ def _replacement(layer):
             return lambda x, **kwargs: relu(x)
         if function in ("nn.silu", "nn.swish"):
             return _swish(layer.name)
+        if function in ("math.sigmoid", "math.tanh"):
+            activation = tf_keras.layers.Activation(function[5:], name=layer.name)
+            return lambda x, **kwargs: activation(x)
+        if function == "math.reduce_mean":
+            return _spatial_mean(layer)
     if kind == "Activation" and layer.get_config()["activation"] in SWISH:
         return _swish(layer.name)
     if kind == "SeparableConv2D":

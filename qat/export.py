@@ -8,8 +8,6 @@ Accuracy is measured on the written .tflite files with ai-edge-litert, not on th
 
 from __future__ import annotations
 
-import dataclasses
-import glob
 import json
 import logging
 import numbers
@@ -24,7 +22,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
-from qat.config import ExportConfig, LayerOverride, QATConfig, QuantConfig
+from qat.config import ExportConfig, QATConfig, QuantConfig
 from qat.data import Data, load_data
 from qat.errors import ConfigError, ExportError, QatError, report_error
 from qat.files import write_atomic, write_json
@@ -35,17 +33,20 @@ from qat.ptq import simulated_ptq_model
 from qat.quant_ops import int8_kernel_levels
 from qat.quantize import (
     RANGE_FLOOR,
+    UNFOLDED_KERNELS,
+    ActivationQuantizer,
     DepthwiseKernelQuantizer,
+    LayerQuantizeConfig,
     QuantizeLayer,
     activation_quantizers,
     depthwise_output_channels,
     folding_pairs,
     kept_relus,
-    layer_overrides,
     quantize_model,
     store_low_bits_as_int8,
     usable_range,
 )
+from qat.rules import LAYER_RULES
 from qat.runs import (
     build_float_model,
     build_quant_model,
@@ -283,39 +284,6 @@ def _copy_activation_ranges(source: tf_keras.Model, target: tf_keras.Model,
             var.assign(value)
 
 
-def _quantizer_bits(model: tf_keras.Model) -> tuple[dict[str, int], dict[str, int]]:
-    """({layer or input key: output bits}, {layer: kernel bits}) of a quantized model."""
-    outputs, kernels = {}, {}
-    for layer in model.layers:
-        name = _range_key(model, layer)
-        if isinstance(layer, QuantizeLayer):
-            outputs[name] = layer.quantizer.num_bits
-            continue
-        quantizers = getattr(layer, "_output_quantizers", None) or []
-        if quantizers and hasattr(quantizers[0], "num_bits"):
-            outputs[name] = quantizers[0].num_bits
-        weight_vars = getattr(layer, "_weight_vars", None) or []
-        if weight_vars and hasattr(weight_vars[0][1], "num_bits"):
-            kernels[name] = weight_vars[0][1].num_bits
-    return outputs, kernels
-
-
-def _check_quantizer_bits(source: tf_keras.Model, target: tf_keras.Model,
-                          aliases: dict[str, str]) -> None:
-    """Stop unless the model the converter reads quantizes every tensor and kernel with the bits
-    the QAT model trained with. The export's plan comes from the QuantConfig it is given: one
-    other than the QAT model's (e.g. `qat.export_model` without `settings` after a w4a4 QAT)
-    wrote 8-bit tensors and kernels where QAT rounded to 4 bits (measured: agreement 0.89)."""
-    for what, src, dst in zip(("output", "kernel"), _quantizer_bits(source),
-                              _quantizer_bits(target), strict=True):
-        for name, bits in dst.items():
-            key = _aliased(name, aliases, src)
-            if key in src and src[key] != bits:
-                raise ExportError(f"{key}: the QAT model quantizes its {what} to {src[key]} bits, "
-                                  f"the file would quantize it to {bits}: export with the "
-                                  "QuantConfig the QAT model was made with (settings=)")
-
-
 def _set_kernel_ranges(qmodel: tf_keras.Model) -> None:
     """Kernel ranges = the folded kernel's own per-channel extent (what the converter stores).
     Folding starts from the dequantized kernels, so with quant.range=learned the extent already
@@ -375,24 +343,25 @@ def export_run(settings: QATConfig, data: Data | None = None) -> dict:
     ptq = (lambda staging: _ptq_baseline(settings, data, batches, staging)) if (
         settings.export.ptq) else None
     report = export_quant_model(qmodel, float_model, batches, None,
-                                os.path.join(settings.run.dir, "export"),
-                                settings.model_quant(), settings.export, extra=ptq)
+                                os.path.join(settings.run.dir, "export"), settings.export,
+                                extra=ptq)
     _log_report(report, tb_dir(settings, "quant"))
     return report
 
 
 def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
                        x: Inputs | Batches, y: np.ndarray | None, out_dir: str,
-                       quant: QuantConfig, export: ExportConfig,
+                       export: ExportConfig,
                        extra: Callable[[str], dict] | None = None) -> dict:
     """Fold a trained QAT model, write SavedModel + float/int8 TFLite + report.json to `out_dir`
     and evaluate the written files on (x, y); `x`: an array, or one per input (list in
     `model.inputs` order, or dict by input name), or `Batches` (then `y` is None).
     `float_model`: a fresh float model of the same architecture (its weights are overwritten).
-    `extra(staging_dir)` may add files and figures. `out_dir` is replaced only once everything
-    is written: a failed export leaves it as it was.
+    The file quantizes each tensor and kernel as `qmodel`'s own quantizers do, so a reloaded or
+    rebuilt QAT model exports as it was trained. `extra(staging_dir)` may add files and figures.
+    `out_dir` is replaced only once everything is written: a failed export leaves it as it was.
     """
-    check_exportable(quant)
+    _check_int8_bits(qmodel)
     if isinstance(x, list | tuple):  # one array per model input, in model.inputs order
         x = dict(zip(float_model.input_names, x, strict=True))
     batches = x if callable(x) else array_batches(x, y)
@@ -400,9 +369,9 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     folded = fold_batchnorms(unfolded)
     # The converted model holds plain min/max ranges: learned ones are copied into them.
     aliases = {linear: bn for bn, linear in folding_pairs(unfolded).items()}  # linear → its BN
-    qfolded = quantize_model(folded, _folded_settings(quant, unfolded, folded, aliases),
-                             keep_relus=kept_relus(qmodel))
-    _check_quantizer_bits(qmodel, qfolded, aliases)  # before the next two change quantizers' bits
+    qfolded = quantize_model(folded, _input_settings(qmodel),
+                             keep_relus=kept_relus(qmodel),
+                             configs=_folded_configs(qmodel, folded, aliases))
     store_low_bits_as_int8(qfolded)
     for quantizer in activation_quantizers(qfolded):  # the converter rounds biases itself
         quantizer.file_bias = False
@@ -430,31 +399,65 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     return report
 
 
-def _folded_settings(quant: QuantConfig, unfolded: tf_keras.Model, folded: tf_keras.Model,
-                     aliases: dict[str, str]) -> QuantConfig:
-    """The QAT model's precision plan, layer by layer, for the folded model the converter reads.
-    Resolved on the folded model itself, `quant.ends_8_bits` could pick other ends: a BN with
-    nothing to fold into becomes a kernel layer there, so a BN right after the input took the
-    stem conv's 8 bits and the stem went 4-bit in the file, 8-bit in QAT."""
-    resolved = layer_overrides(unfolded, quant)
-    # A BN with nothing to fold into: its multiplier, one value per channel, is exact at any
-    # bits; 8 bits gives it the int32 bias grid the QAT model computes (qat.bias_grid).
-    folded_bns = set(aliases.values())
-    lone_bns = {layer.name for layer in unfolded.layers
-                if isinstance(layer, QuantBatchNorm) and layer.name not in folded_bns}
-    # A folded linear layer's output is the BN's in QAT (`aliases`: the conv's own output fused
-    # into it): its bits are the BN's (with 8-bit ends, a stem conv at a8 before its a4 BN).
-    layers = {}
+def _wrappers(qmodel: tf_keras.Model) -> dict:
+    """{layer name: its tfmot wrapper} of a QAT model."""
+    return {layer.layer.name: layer for layer in qmodel.layers
+            if isinstance(layer, tfmot.quantization.keras.QuantizeWrapperV2)}
+
+
+def _folded_configs(qmodel: tf_keras.Model, folded: tf_keras.Model,
+                    aliases: dict[str, str]) -> dict[str, LayerQuantizeConfig]:
+    """The QAT model's own quantization, layer by layer, for the folded model the converter
+    reads, so the file cannot round a tensor or kernel other than QAT did (an export re-planned
+    from a QuantConfig wrote a w4a4 model's tensors at 8 bits when given the default one:
+    agreement 0.89). A folded linear layer's output is its BN's (`aliases`), quantized as the
+    BN's was; its kernel is no longer folded at training time. A BN with nothing to fold into
+    is a 1×1 depthwise conv (or `ChannelAffine`) there: its multiplier, one value per channel,
+    is exact at any bits, and 8 bits gives the int32 bias grid QAT computes (qat.bias_grid).
+    Ranges are plain min/max: learned ones are copied into them (`_copy_activation_ranges`)."""
+    # The configs are part of each wrapper's Keras config: a reloaded or cloned model has them.
+    wrappers = _wrappers(qmodel)
+    trained = {name: wrapper.quantize_config for name, wrapper in wrappers.items()}
+    lone_bns = {name for name, wrapper in wrappers.items()
+                if isinstance(wrapper.layer, QuantBatchNorm) and name not in aliases.values()}
+    configs = {}
     for layer in folded.layers:
         if isinstance(layer, tf_keras.layers.InputLayer):
             continue
-        override = resolved.get(layer.name, LayerOverride())
-        output = resolved.get(aliases.get(layer.name, layer.name), LayerOverride())
-        layers[glob.escape(layer.name)] = LayerOverride(
-            weight_bits=8 if layer.name in lone_bns else override.weight_bits or quant.weight_bits,
-            activation_bits=output.activation_bits or quant.activation_bits,
-            skip=override.skip)
-    return dataclasses.replace(quant, range="ema", layers=layers)
+        own = trained.get(layer.name, LayerQuantizeConfig())
+        output = trained.get(aliases.get(layer.name), own)
+        kernel = {"kernel_attr": own.kernel_attr, "weight_bits": own.weight_bits,
+                  "kernel": UNFOLDED_KERNELS.get(own.kernel, own.kernel)}
+        if layer.name in lone_bns and not own.skipped:
+            kernel_attr, kind = LAYER_RULES[type(layer).__name__].kernel
+            kernel = {"kernel_attr": kernel_attr, "kernel": kind, "weight_bits": 8}
+        configs[layer.name] = LayerQuantizeConfig(
+            **kernel, output_bits=output.output_bits, ema_decay=output.ema_decay,
+            relu=output.relu, cap=output.cap, output_range=output.output_range,
+            concat_range=output.concat_range, skipped=own.skipped or output.skipped)
+    return configs
+
+
+def _input_settings(qmodel: tf_keras.Model) -> QuantConfig:
+    """A QuantConfig whose input quantizer is the QAT model's (bits, fixed range); the layers'
+    plan comes from `_folded_configs`."""
+    inputs = [layer.quantizer for layer in qmodel.layers if isinstance(layer, QuantizeLayer)]
+    quantizer = inputs[0] if inputs else ActivationQuantizer()
+    return QuantConfig(activation_bits=quantizer.num_bits, ends_8_bits=False,
+                       input_range=list(quantizer.fixed_range) if quantizer.fixed_range else None)
+
+
+def _check_int8_bits(qmodel: tf_keras.Model) -> None:
+    """Stop in one line where a quantizer of `qmodel` has more bits than an int8 file holds."""
+    for layer in qmodel.layers:
+        quantizers = [*(getattr(layer, "_output_quantizers", None) or []),
+                      *(q for _, q, _ in getattr(layer, "_weight_vars", None) or [])]
+        if isinstance(layer, QuantizeLayer):
+            quantizers.append(layer.quantizer)
+        wide = [q.num_bits for q in quantizers if getattr(q, "num_bits", 8) > 8]
+        if wide:
+            raise ExportError(f"{layer.name} is quantized to {wide[0]} bits, more than the "
+                              "full-int8 file holds: quantize it with at most 8 bits to export")
 
 
 def _write_files(folded: tf_keras.Model, qfolded: tf_keras.Model, batches: Batches,

@@ -100,10 +100,13 @@ def dequantized_float_model(qmodel: tf_keras.Model, float_model: tf_keras.Model)
 
 
 def _inner_name(wrapper, variable) -> str:
-    """A wrapper's variable by the inner layer's name, as the float model's is named."""
+    """A wrapper's variable by the inner layer's name, as the float model's is named (a clone
+    of a QAT model names the inner layer's variables with no scope at all: 'gamma:0')."""
     name = _short_name(variable)
     scope, _, rest = name.partition("/")
-    return f"{wrapper.layer.name}/{rest}" if scope == wrapper.name and rest else name
+    if not rest:
+        return f"{wrapper.layer.name}/{name}"
+    return f"{wrapper.layer.name}/{rest}" if scope == wrapper.name else name
 
 
 def _short_name(variable) -> str:

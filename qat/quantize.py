@@ -66,6 +66,10 @@ tfq = tfmot.quantization.keras
 # A BN directly after one of these (with a linear activation) folds into it.
 LINEAR_KERNELS = {kind: LAYER_RULES[kind].kernel[0] for kind in
                   ("Conv2D", "DepthwiseConv2D", "Dense")}
+# A kernel quantizer kind and its `quant.bn=fold` form (the BN's scale inside its grid).
+FOLDED_KERNELS = {"per_channel": "folded", "depthwise": "folded_depthwise",
+                  "per_tensor": "folded_per_tensor"}
+UNFOLDED_KERNELS = {folded: kind for kind, folded in FOLDED_KERNELS.items()}
 # Quantizer range variables start where tfmot starts them; the first batch overwrites them.
 INITIAL_RANGE = 6.0
 FOLD_SCALE_FLOOR = 1e-8  # |gamma/sigma| below this would blow up W*s/s; treat as this small
@@ -385,7 +389,8 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
                  weight_bits: int = 8, output_bits: int | None = None, ema_decay: float = 0.99,
                  relu: bool = False, bn_name: str | None = None, learned: bool = False,
                  output_range: tuple[float, float] | None = None, learned_max_bits: int = 8,
-                 cap: float | None = None, concat_range: str | None = None):
+                 cap: float | None = None, concat_range: str | None = None,
+                 skipped: bool = False):
         self.kernel_attr = kernel_attr
         self.kernel = kernel
         self.weight_bits = weight_bits
@@ -399,6 +404,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
         self.output_range = tuple(output_range) if output_range else None
         # The Concatenate whose range quantizes this output, which then has no quantizer here
         self.concat_range = concat_range
+        self.skipped = skipped  # left in float by quant.layers (no quantizer either way)
         self.kernel_quantizer = _kernel_quantizer(kernel, weight_bits, bn_name,
                                                   learned and weight_bits <= learned_max_bits)
         self.output_quantizer = (
@@ -435,7 +441,7 @@ class LayerQuantizeConfig(tfq.QuantizeConfig):
                 "ema_decay": self.ema_decay, "relu": self.relu, "bn_name": self.bn_name,
                 "learned": self.learned, "output_range": self.output_range,
                 "learned_max_bits": self.learned_max_bits, "cap": self.cap,
-                "concat_range": self.concat_range}
+                "concat_range": self.concat_range, "skipped": self.skipped}
 
 
 def _kernel_quantizer(kind: str | None, bits: int, bn_name: str | None = None,
@@ -587,13 +593,18 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
     override = override or LayerOverride()
     rule = rule_for(layer)
     if override.skip:
-        return LayerQuantizeConfig()
+        return LayerQuantizeConfig(skipped=True)
     if rule is None:
         raise ConfigError(f"layer {layer.name} ({_describe(layer)}) has no quantization rule: "
                           f"leave it in float with quant.layers.{layer.name}.skip=true, or "
                           f"build it from {', '.join(known_kinds())}")
     if rule.output == PASS:
         return LayerQuantizeConfig()
+    if type(layer).__name__ == "TFOpLambda":  # tfmot cannot wrap one: it would get no quantizer
+        raise ConfigError(f"layer {layer.name} ({_describe(layer)}) is a TensorFlow op no "
+                          "quantizer can wrap: run qat.prepare(model) first, which rewrites "
+                          "arithmetic, sigmoid, tanh, swish and spatial means as Keras layers, "
+                          "or build it from a Keras layer")
     activation_bits = override.activation_bits or cfg.activation_bits
     outbound = consumers(layer)
     fused_into_next = len(outbound) == 1 and fuses_into(layer, outbound[0], pairs)
@@ -612,8 +623,7 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
     # A per-tensor grid does not survive folding (per-channel BN scales break it, tfmot #438),
     # so a dense kernel followed by BN is quantized folded in either mode.
     if folded_bn and (cfg.bn == "fold" or kernel == "per_tensor"):
-        kernel = {"per_channel": "folded", "depthwise": "folded_depthwise",
-                  "per_tensor": "folded_per_tensor"}[kernel]
+        kernel = FOLDED_KERNELS[kernel]
     return LayerQuantizeConfig(attr, kernel, override.weight_bits or cfg.weight_bits,
                                bn_name=folded_bn, **common)
 
@@ -806,7 +816,8 @@ def quantize_scope():
 
 
 def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None,
-                   keep_relus: frozenset[str] = frozenset()) -> tf_keras.Model:
+                   keep_relus: frozenset[str] = frozenset(),
+                   configs: dict[str, LayerQuantizeConfig] | None = None) -> tf_keras.Model:
     """tfmot-quantized copy of `model` (weights copied) with qat's BN switched on per `cfg.bn`.
 
     BNs that fold into a kernel in `fold` mode keep float parameters (the kernel quantizer carries
@@ -814,9 +825,17 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None,
     is checked first (`check_plan`): a model the int8 file could not compute fails here.
     `keep_relus`: ReLU layers that stay layers even where their quantizer could compute them
     (the export: every ReLU6 the QAT model kept, whose learned range may reach past 6).
+    `configs`: a plan made elsewhere, one config per layer (the export's, read off the QAT
+    model's own quantizers) instead of one resolved from `cfg`, which then sets only the input
+    quantizer and the BN settings.
     """
     cfg = cfg or QuantConfig()
-    pairs, configs, skipped = plan_layers(model, cfg)
+    if configs is None:
+        pairs, configs, skipped = plan_layers(model, cfg)
+    else:
+        pairs = folding_pairs(model)
+        skipped = frozenset(name for name, config in configs.items() if config.skipped)
+        check_plan(model, configs, pairs, skipped)
     bn_overrides = {"bn_bits": cfg.bn_bits, "bn_target": cfg.bn_target,
                     "bn_format": cfg.bn_format, "bn_variance": cfg.bn_variance}
 
@@ -845,7 +864,4 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None,
         float_params = (cfg.bn == "fold" and name in pairs) or name in skipped
         wrapper.layer.quant_switch.assign(0 if float_params else 1)
         wrapper.layer.freeze_switch.assign(0)
-    # The settings this model was made with, for `qat.export_model` to default to: exported
-    # under other bits, the file computes another model (not tracked or saved by Keras).
-    object.__setattr__(qmodel, "_qat_quant_config", cfg)
     return qmodel

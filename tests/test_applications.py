@@ -54,8 +54,7 @@ def test_application_exports_a_full_int8_file_that_computes_the_qat_model(arch, 
                    tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qmodel.fit(x, y, batch_size=16, epochs=1, verbose=0)
     out = tmp_path / "export"
-    report = export_quant_model(qmodel, model, x, y, str(out), QuantConfig(),
-                                ExportConfig(fold_tolerance=1e-3))
+    report = export_quant_model(qmodel, model, x, y, str(out), ExportConfig(fold_tolerance=1e-3))
     assert report["int8_float_tensors"] == [] and report["int8_float_ops"] == []
     from ai_edge_litert.interpreter import Interpreter
 

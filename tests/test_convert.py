@@ -152,7 +152,8 @@ def test_duplicate_layer_names_across_nested_models_are_refused():
 def rewritten_layers():
     """Layers tfmot cannot wrap or TFLite splits: TFOpLambda arithmetic (tensor and scalar),
     SeparableConv2D, a conv with swish built in, swish as a layer and as tf.nn.silu,
-    Normalization, a nested Sequential."""
+    tf.math.sigmoid/tanh, a spatial tf.math.reduce_mean (squeeze-excite's), Normalization, a
+    nested Sequential."""
     inputs = tf_keras.Input((8, 8, 3))
     x = layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
     norm = layers.Normalization(mean=[0.5, 0.2, -0.1], variance=[2.0, 0.5, 1.5], name="norm")
@@ -162,6 +163,8 @@ def rewritten_layers():
     y = layers.Activation("swish", name="act_swish")(tf.nn.silu(y))
     x = tf.nn.relu6(x + 3.0) * (1.0 / 6.0)  # MobileNetV3's hard-sigmoid
     x = 2.0 - x * y
+    x = tf.math.tanh(x) + tf.math.sigmoid(y)
+    x = x * tf.math.reduce_mean(x, axis=[1, 2], keepdims=True)
     block = tf_keras.Sequential([layers.Conv2D(4, 1, name="inner_conv"),
                                  layers.BatchNormalization(name="inner_bn")], name="block")
     x = layers.GlobalAveragePooling2D(name="gap")(block(x))
@@ -185,3 +188,18 @@ def test_rewrites_compute_the_same_function_and_quantize():
     np.testing.assert_allclose(converted(x, training=False).numpy(),
                                model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
     quantize_model(converted, QuantConfig())
+
+
+def test_a_tf_op_no_quantizer_can_wrap_is_refused_in_one_line():
+    """tfmot cannot wrap a TFOpLambda: one left in the model (not prepared, or an op prepare
+    does not rewrite) would get no quantizer while the int8 file has a tensor there."""
+    inputs = tf_keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, name="conv")(inputs)
+    model = tf_keras.Model(inputs, tf.math.sigmoid(x))
+    with pytest.raises(ConfigError, match=r"tf\.math\.sigmoid\) is a TensorFlow op no "
+                                          r"quantizer can wrap: run qat\.prepare") as error:
+        quantize_model(model, QuantConfig())
+    assert "\n" not in str(error.value)
+    channel_mean = tf_keras.Model(inputs, tf.math.reduce_mean(x, axis=-1, keepdims=True))
+    with pytest.raises(ConfigError, match=r"averages over axes -1 of a rank-4 tensor"):
+        convert_batchnorms(channel_mean)

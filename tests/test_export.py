@@ -254,7 +254,7 @@ def test_stray_batchnorms_are_quantized_and_exported_full_int8(tmp_path):
 
     out = str(tmp_path / "export")
     report = export_quant_model(qmodel, _stray_bn_model(arrays.input_shape, arrays.num_classes),
-                                arrays.x_val, arrays.y_val, out, QuantConfig(), ExportConfig())
+                                arrays.x_val, arrays.y_val, out, ExportConfig())
     assert report["int8_float_tensors"] == [] and report["int8_float_ops"] == []
     assert report["qat_val_accuracy"] > 0.9  # trained, so agreement means something
     # Measured 0.989 here: this small net has near-tied logits, and int8 ADD/LEAKY_RELU
@@ -484,7 +484,7 @@ def test_low_bit_kernels_are_stored_where_the_file_rounds_as_qat_does(tmp_path):
     qmodel(arrays.x_train[:256], training=True)  # the first batch sets every range
 
     out = str(tmp_path / "export")
-    report = export_model(qmodel, model, arrays.x_val, arrays.y_val, out, cfg)
+    report = export_model(qmodel, model, arrays.x_val, arrays.y_val, out)
     interpreter = Interpreter(model_path=os.path.join(out, "model_int8.tflite"))
     kernels = [t for t in interpreter.get_tensor_details() if "LastValueQuant" in t["name"]]
     interpreter.allocate_tensors()
@@ -527,7 +527,7 @@ def test_a_bn_after_the_input_leaves_the_stem_at_8_bits_in_the_file(tmp_path):
     stem_bits = {wrapper.layer.name: wrapper._weight_vars[0][1].num_bits
                  for wrapper in qmodel.layers if getattr(wrapper, "_weight_vars", None)}
     assert stem_bits["stem"] == 8 and stem_bits["mid"] == 4
-    report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path), cfg)
+    report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path))
 
     interpreter = Interpreter(model_path=str(tmp_path / "model_int8.tflite"),
                               experimental_preserve_all_tensors=True)
@@ -570,9 +570,42 @@ def test_a_relu6_kept_under_a_learned_range_stays_in_the_file(tmp_path):
     wrappers["relu6"]._output_quantizer_vars["max_var"].assign(9.0)  # a top trained past 6
     probe = tf_keras.Model(qmodel.input, wrappers["bn"].output)
     assert float(tf.reduce_max(probe(x, training=False))) > 7.0
-    report = export_quant_model(qmodel, net(), x, labels, str(tmp_path / "out"), quant,
+    report = export_quant_model(qmodel, net(), x, labels, str(tmp_path / "out"),
                                 ExportConfig(int8_io=False))
     assert report["int8_agreement"] == 1.0 and report["int8_logit_error"] < 1e-3
+
+
+def _skipped_bn_net():
+    """conv → BN → Add (with the input): the BN's output is read by an op that fuses nothing."""
+    import tf_keras
+
+    from qat.layers import QuantBatchNorm
+
+    inputs = tf_keras.Input((4, 4, 2))
+    y = QuantBatchNorm(name="bn")(tf_keras.layers.Conv2D(2, 1, name="conv")(inputs))
+    y = tf_keras.layers.Flatten(name="flat")(tf_keras.layers.Add(name="add")([y, inputs]))
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="logits")(y))
+
+
+def test_a_skipped_bn_folded_into_a_quantized_conv_exports(tmp_path):
+    """`quant.layers` skip on a BN (float parameters, float output) after a quantized conv: the
+    conv's output is the BN's after folding, so it takes the BN's skip too; with the conv's own
+    mark the folded plan had an Add input with no range, and the export stopped (a reviewer's
+    finding). A skipped layer computes in float in the file (export.allow_float_ops)."""
+    from qat.config import LayerOverride, QuantConfig
+    from qat.export import export_quant_model
+    from qat.quantize import quantize_model
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (64, 4, 4, 2)).astype("float32")
+    labels = rng.integers(0, 3, 64)
+    qmodel = quantize_model(_skipped_bn_net(),
+                            QuantConfig(layers={"bn": LayerOverride(skip=True)}))
+    qmodel(x, training=True)  # ranges from one batch
+    report = export_quant_model(qmodel, _skipped_bn_net(), x, labels, str(tmp_path / "out"),
+                                ExportConfig(int8_io=False, allow_float_ops=True))
+    assert any(op.startswith("CONV_2D") for op in report["int8_float_ops"])
+    assert report["int8_agreement"] >= 0.9
 
 
 def test_a_qat_model_reloaded_from_h5_exports_the_same_int8_model(tmp_path):
@@ -595,7 +628,7 @@ def test_a_qat_model_reloaded_from_h5_exports_the_same_int8_model(tmp_path):
     qmodel.save(str(tmp_path / "qat.h5"))
     with quantize_scope():
         reloaded = tf_keras.models.load_model(str(tmp_path / "qat.h5"), compile=False)
-    reports = [export_quant_model(model, net(), x, labels, str(tmp_path / name), quant,
+    reports = [export_quant_model(model, net(), x, labels, str(tmp_path / name),
                                   ExportConfig(int8_io=False))
                for model, name in ((qmodel, "original"), (reloaded, "reloaded"))]
     from qat.export import tflite_logits

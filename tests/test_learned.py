@@ -144,7 +144,7 @@ def test_learned_ranges_reach_the_int8_file_unchanged(digits, tmp_path, bn, weig
                             float(ranges["max_var"].numpy())))
     assert learned
 
-    report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path), cfg)
+    report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path))
     assert report["int8_agreement"] >= 0.99 and report["int8_float_ops"] == []
     images = np.concatenate([digits.x_train, digits.x_val])
     file_logits = TFLiteModel(str(tmp_path / "model_int8.tflite"))(images)
@@ -248,7 +248,7 @@ def test_four_bit_activations_are_int8_tensors_on_a_16_level_grid(digits, tmp_pa
                 steps.append(float(hi - lo) / 15)
     assert len(steps) >= 4
 
-    report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path), cfg)
+    report = export_model(qmodel, model, digits.x_val, digits.y_val, str(tmp_path))
     assert report["int8_float_ops"] == [] and report["tflite_int8_accuracy"] > 0.9
     # Measured: agreement 1.000, logit error 0.0 (file and QAT logits equal); 0.994 and 0.055
     # before the QAT model rounded its biases onto the file's int32 grid (qat.bias_grid), 0.98
