@@ -570,10 +570,12 @@ def _share_concat_ranges(model: tf_keras.Model, configs: dict[str, LayerQuantize
     feeds nothing else straight onto that scale (dropping any FakeQuant of its own): a range of
     its own rounded it twice and clamped it where the file does not (agreement 0.34 on the
     export test's net, 0.38 concatenated on the height axis). tfmot's ConcatTransform does the
-    same. Not for an output on TFLite's
-    fixed grid (a LOGISTIC, say, at any bits) or of other bits than the concatenation's (8
-    bits into a 4-bit one): the file requantizes those. Not for a Concatenate feeding one:
-    each keeps its range, so the result does not depend on the order layers are visited."""
+    same. Not for an input that also feeds another layer, an output on TFLite's fixed grid (a
+    LOGISTIC, say, at any bits) or of other bits than the concatenation's (8 bits into a 4-bit
+    one): the file requantizes those for the concatenation alone, as QAT rounds them twice
+    (`fake_quant_on_int8_grid` keeps the other layers on the input's own scale below 8 bits).
+    Not for a Concatenate feeding one: each keeps its range, so the result does not depend on
+    the order layers are visited."""
     for layer in model.layers:
         config = configs.get(layer.name)
         if (config is None or config.output_bits is None
