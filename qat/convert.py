@@ -134,7 +134,8 @@ def _replacement(layer):
         if function in ("nn.silu", "nn.swish"):
             return _swish(layer.name)
         if function in ("math.sigmoid", "math.tanh"):
-            activation = tf_keras.layers.Activation(function[5:], name=layer.name)
+            activation = tf_keras.layers.Activation(function.removeprefix("math."),
+                                                     name=layer.name)
             return lambda x, **kwargs: activation(x)
         if function == "math.reduce_mean":
             return _spatial_mean(layer)

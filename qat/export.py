@@ -45,6 +45,7 @@ from qat.quantize import (
     quantize_model,
     store_low_bits_as_int8,
     usable_range,
+    wrappers,
 )
 from qat.rules import LAYER_RULES
 from qat.runs import (
@@ -399,12 +400,6 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
     return report
 
 
-def _wrappers(qmodel: tf_keras.Model) -> dict:
-    """{layer name: its tfmot wrapper} of a QAT model."""
-    return {layer.layer.name: layer for layer in qmodel.layers
-            if isinstance(layer, tfmot.quantization.keras.QuantizeWrapperV2)}
-
-
 def _folded_configs(qmodel: tf_keras.Model, folded: tf_keras.Model,
                     aliases: dict[str, str]) -> dict[str, LayerQuantizeConfig]:
     """The QAT model's own quantization, layer by layer, for the folded model the converter
@@ -416,9 +411,9 @@ def _folded_configs(qmodel: tf_keras.Model, folded: tf_keras.Model,
     is exact at any bits, and 8 bits gives the int32 bias grid QAT computes (qat.bias_grid).
     Ranges are plain min/max: learned ones are copied into them (`_copy_activation_ranges`)."""
     # The configs are part of each wrapper's Keras config: a reloaded or cloned model has them.
-    wrappers = _wrappers(qmodel)
-    trained = {name: wrapper.quantize_config for name, wrapper in wrappers.items()}
-    lone_bns = {name for name, wrapper in wrappers.items()
+    wrapped = wrappers(qmodel)
+    trained = {name: wrapper.quantize_config for name, wrapper in wrapped.items()}
+    lone_bns = {name for name, wrapper in wrapped.items()
                 if isinstance(wrapper.layer, QuantBatchNorm) and name not in aliases.values()}
     configs = {}
     for layer in folded.layers:
@@ -448,7 +443,9 @@ def _input_settings(qmodel: tf_keras.Model) -> QuantConfig:
 
 
 def _check_int8_bits(qmodel: tf_keras.Model) -> None:
-    """Stop in one line where a quantizer of `qmodel` has more bits than an int8 file holds."""
+    """Stop in one line where a quantizer of `qmodel` has more bits than an int8 file holds:
+    the CLI refuses such settings before training (`check_exportable`), a model quantized
+    through the API meets this check at export."""
     for layer in qmodel.layers:
         quantizers = [*(getattr(layer, "_output_quantizers", None) or []),
                       *(q for _, q, _ in getattr(layer, "_weight_vars", None) or [])]

@@ -596,17 +596,18 @@ def _layer_config(layer, pairs: dict[str, str], cfg: QuantConfig,
     rule = rule_for(layer)
     if override.skip:
         return LayerQuantizeConfig(skipped=True)
+    if rule is None and type(layer).__name__ == "TFOpLambda":  # tfmot cannot wrap one
+        raise ConfigError(f"layer {layer.name} ({_describe(layer)}) is a TensorFlow op no "
+                          "quantizer can wrap: run qat.prepare(model) first, which rewrites "
+                          "arithmetic, sigmoid, tanh, relu, swish and spatial means as Keras "
+                          f"layers, build it from a Keras layer, or leave it in float with "
+                          f"quant.layers.{layer.name}.skip=true")
     if rule is None:
         raise ConfigError(f"layer {layer.name} ({_describe(layer)}) has no quantization rule: "
                           f"leave it in float with quant.layers.{layer.name}.skip=true, or "
                           f"build it from {', '.join(known_kinds())}")
     if rule.output == PASS:
         return LayerQuantizeConfig()
-    if type(layer).__name__ == "TFOpLambda":  # tfmot cannot wrap one: it would get no quantizer
-        raise ConfigError(f"layer {layer.name} ({_describe(layer)}) is a TensorFlow op no "
-                          "quantizer can wrap: run qat.prepare(model) first, which rewrites "
-                          "arithmetic, sigmoid, tanh, swish and spatial means as Keras layers, "
-                          "or build it from a Keras layer")
     activation_bits = override.activation_bits or cfg.activation_bits
     outbound = consumers(layer)
     fused_into_next = len(outbound) == 1 and fuses_into(layer, outbound[0], pairs)
@@ -647,17 +648,23 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
     that has one through unchanged (pooling, reshape). Every input a layer reads must have a
     range, unless the producer fuses into it. Fails before training, naming the first gap,
     instead of failing at export after the whole quant phase. Layers the user `skipped` are
-    float by choice: their inputs and outputs are not checked.
+    float by choice: their inputs and outputs are not checked, nor the outputs of the layers
+    that pass a skipped layer's output on (a reshape after it).
     """
     has_range: dict[str, bool] = {}
+    chosen_float = set(skipped)
     for layer in model.layers:
         if isinstance(layer, tf_keras.layers.InputLayer):
             has_range[layer.name] = True  # the input quantizer
             continue
+        passes = getattr(rule_for(layer), "output", None) == PASS
+        if passes and producers(layer) and all(p.name in chosen_float
+                                               for p in producers(layer)):
+            chosen_float.add(layer.name)
         for producer in producers(layer):
             if not (has_range[producer.name] or fuses_into(producer, layer, pairs)
                     or getattr(configs.get(producer.name), "concat_range", None)
-                    or producer.name in skipped or layer.name in skipped):
+                    or producer.name in chosen_float or layer.name in skipped):
                 raise ConfigError(
                     f"layer {layer.name} ({type(layer).__name__}) reads {producer.name} "
                     f"({type(producer).__name__}), whose output has no quantization range: the "
@@ -665,8 +672,7 @@ def check_plan(model: tf_keras.Model, configs: dict[str, LayerQuantizeConfig],
                     f"{type(producer).__name__} in qat.quantize or leave it out of the model")
         config = configs[layer.name]
         has_range[layer.name] = config.output_bits is not None or (
-            getattr(rule_for(layer), "output", None) == PASS and all(
-                has_range[p.name] for p in producers(layer)))
+            passes and all(has_range[p.name] for p in producers(layer)))
 
 
 # -- the plan --------------------------------------------------------------------------------
@@ -739,12 +745,18 @@ def activation_quantizers(qmodel: tf_keras.Model) -> list[ActivationQuantizer]:
     return [q for q in quantizers if isinstance(q, ActivationQuantizer)]
 
 
+def wrappers(qmodel: tf_keras.Model) -> dict[str, tfq.QuantizeWrapperV2]:
+    """{wrapped layer's name: its tfmot wrapper} of a quantized model."""
+    return {layer.layer.name: layer for layer in qmodel.layers
+            if isinstance(layer, tfq.QuantizeWrapperV2)}
+
+
 def kept_relus(qmodel: tf_keras.Model) -> frozenset[str]:
     """ReLUs TFLite could fuse that the QAT model kept as layers (a ReLU6 under a learned range,
     a skipped one): the model the export converts must keep them too, or a learned top past 6
     would pass values in (6, top] through the file that the QAT model clamps."""
-    return frozenset(layer.layer.name for layer in qmodel.layers
-                     if isinstance(layer, tfq.QuantizeWrapperV2) and is_fusable_relu(layer.layer))
+    return frozenset(name for name, wrapper in wrappers(qmodel).items()
+                     if is_fusable_relu(wrapper.layer))
 
 
 def store_low_bits_as_int8(qmodel: tf_keras.Model) -> int:
@@ -858,9 +870,7 @@ def quantize_model(model: tf_keras.Model, cfg: QuantConfig | None = None,
         scheme = QatQuantizeScheme(input_bits(cfg), cfg.activation_ema_decay,
                                    tuple(cfg.input_range) if cfg.input_range else None)
         qmodel = tfq.quantize_apply(annotated, scheme)
-    wrappers = {layer.layer.name: layer for layer in qmodel.layers
-                if isinstance(layer, tfq.QuantizeWrapperV2)}
-    for name, wrapper in wrappers.items():
+    for name, wrapper in wrappers(qmodel).items():
         if not isinstance(wrapper.layer, QuantBatchNorm):
             continue
         float_params = (cfg.bn == "fold" and name in pairs) or name in skipped

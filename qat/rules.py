@@ -67,26 +67,19 @@ ACTIVATION_RULES = {
         "swish", "silu", "hard_sigmoid", "hard_silu", "hard_swish", "gelu")},
 }
 
-# TFOpLambda layers (tf ops called on Keras tensors, as keras.applications do) by function.
-TF_OP_RULES = {
-    **{name: Rule(QUANTIZE) for name in (
-        "__operators__.add", "math.add", "__operators__.sub", "math.subtract",
-        "math.multiply", "__operators__.mul", "math.reduce_mean", "nn.silu", "nn.swish")},
-    "math.sigmoid": Rule(QUANTIZE, fixed_range=UNIT_GRID),
-    "math.tanh": Rule(QUANTIZE, fixed_range=TANH_GRID),
-    "nn.relu": Rule(RELU), "nn.relu6": Rule(RELU),
-    **{name: Rule(PASS) for name in ("reshape", "__operators__.getitem", "compat.v1.squeeze",
-                                     "expand_dims", "identity")},
-}
+# TFOpLambda layers (tf ops called on Keras tensors, as keras.applications do) by function:
+# only those that pass their input's grid on. tfmot cannot wrap a TFOpLambda, so one that
+# needs a quantizer is refused (qat.quantize); `qat.convert` rewrites the common ones (
+# arithmetic, sigmoid, tanh, relu, swish, spatial mean) as Keras layers first.
+TF_OP_RULES = {name: Rule(PASS) for name in ("reshape", "__operators__.getitem",
+                                             "compat.v1.squeeze", "expand_dims", "identity")}
 
 
 def activation_name(layer) -> str | None:
-    """The activation an `Activation` layer (or a TFOpLambda `tf.nn.*` call) applies."""
+    """The activation an `Activation` or `ReLU` layer applies."""
     kind = type(layer).__name__
     if kind == "Activation":
         return layer.get_config()["activation"]
-    if kind == "TFOpLambda":
-        return {"nn.relu": "relu", "nn.relu6": "relu6"}.get(layer.get_config()["function"])
     if kind == "ReLU":
         config = layer.get_config()
         if config["negative_slope"] or config["threshold"]:
@@ -137,4 +130,4 @@ FUSES_RELU = ("Conv2D", "DepthwiseConv2D", "Dense", "ChannelAffine", "QuantBatch
 
 
 def known_kinds() -> list[str]:
-    return sorted({*LAYER_RULES, "Activation", "TFOpLambda", "ReLU"})
+    return sorted({*LAYER_RULES, "Activation", "ReLU"})

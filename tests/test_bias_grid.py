@@ -82,14 +82,18 @@ def test_the_qat_model_computes_the_int8_files_bias(digits, tmp_path, name, bn, 
     assert np.mean(rounded.argmax(-1) == file_logits.argmax(-1)) >= 0.999
 
 
-@pytest.mark.parametrize("axis, shape", [(0, (8, 8, 3)), (1, (None, None, 3))])
-def test_concatenations_with_parts_of_unknown_length_run(axis, shape):
+@pytest.mark.parametrize("axis, shape, rounded", [(-1, (None, None, 3), True),
+                                                  (0, (8, 8, 3), False),
+                                                  (1, (None, None, 3), False)])
+def test_concatenations_with_parts_of_unknown_length_run(axis, shape, rounded):
     """A concatenation's rounding is laid out along its axis: on the batch axis (its inputs keep
     their own ranges) or with a dynamic height, the parts' lengths are not known when the graph
-    is built; the rounding is then skipped instead of failing every inference call."""
+    is built; the rounding is then skipped (README) instead of failing every inference call.
+    On the channel axis the lengths are the channel counts: rounded at any height."""
     from tf_keras import layers
 
-    from qat.quantize import quantize_model
+    from qat.bias_grid import bias_rounding
+    from qat.quantize import quantize_model, wrappers
 
     inputs = tf_keras.Input(shape)
     parts = [layers.Conv2D(4, 1, name=name)(inputs) for name in ("a", "b")]
@@ -99,3 +103,4 @@ def test_concatenations_with_parts_of_unknown_length_run(axis, shape):
     x = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)).astype(np.float32)
     qmodel(x, training=True)
     assert np.isfinite(qmodel(x, training=False).numpy()).all()
+    assert (bias_rounding(wrappers(qmodel)["cat"]) is not None) == rounded

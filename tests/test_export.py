@@ -608,6 +608,24 @@ def test_a_skipped_bn_folded_into_a_quantized_conv_exports(tmp_path):
     assert report["int8_agreement"] >= 0.9
 
 
+def test_a_model_quantized_above_8_bits_is_refused_before_anything_is_written(tmp_path):
+    """`check_exportable` refuses such settings before training (train.py); a QAT model built
+    with them through the API reaches the export, which reads its quantizers' bits."""
+    from qat.config import QuantConfig
+    from qat.errors import ExportError
+    from qat.export import export_quant_model
+    from qat.quantize import quantize_model
+    from tests.conftest import conv_bn_relu6_net as net
+
+    x = np.random.default_rng(0).normal(0, 1, (8, 4, 4, 2)).astype("float32")
+    qmodel = quantize_model(net(), QuantConfig(weight_bits=12))
+    qmodel(x, training=True)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"quantized to 12 bits, more than the full-int8 file"):
+        export_quant_model(qmodel, net(), x, np.zeros(8, int), str(out), ExportConfig())
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_a_qat_model_reloaded_from_h5_exports_the_same_int8_model(tmp_path):
     """Reloaded from .h5, a wrapper's variables are named under the wrapper ('quant_conv/
     kernel:0'), and the fold, looking them up by the layer's name, failed with a KeyError."""
