@@ -38,12 +38,12 @@ from qat.quantize import (
     DepthwiseKernelQuantizer,
     LayerQuantizeConfig,
     QuantizeLayer,
-    activation_quantizers,
     depthwise_output_channels,
     folding_pairs,
     kept_relus,
     quantize_model,
     store_low_bits_as_int8,
+    traced_for_the_converter,
     usable_range,
     wrappers,
 )
@@ -94,7 +94,9 @@ def _int8_converter(model: tf_keras.Model, int8_io: bool,
 def export_int8_tflite(qmodel: tf_keras.Model, path: str, int8_io: bool,
                        input_dtype: str = "int8") -> int:
     """Full-integer file from a fake-quant model: ranges come from its FakeQuant ops."""
-    return write_atomic(path, _convert(_int8_converter(qmodel, int8_io, input_dtype), path))
+    with traced_for_the_converter(qmodel):
+        data = _convert(_int8_converter(qmodel, int8_io, input_dtype), path)
+    return write_atomic(path, data)
 
 
 def export_ptq_tflite(model: tf_keras.Model, calibration: np.ndarray, path: str,
@@ -374,8 +376,6 @@ def export_quant_model(qmodel: tf_keras.Model, float_model: tf_keras.Model,
                              keep_relus=kept_relus(qmodel),
                              configs=_folded_configs(qmodel, folded, aliases))
     store_low_bits_as_int8(qfolded)
-    for quantizer in activation_quantizers(qfolded):  # the converter rounds biases itself
-        quantizer.file_bias = False
     _copy_activation_ranges(qmodel, qfolded, aliases)
     _set_kernel_ranges(qfolded)
     (qat_logits, unfolded_logits, folded_logits), labels = predict_each(

@@ -5,9 +5,11 @@ import pytest
 import tensorflow as tf
 
 from qat.quant_ops import (
+    PER_CHANNEL_OP_MAX_SIZE,
     channel_exponent_grid,
     fake_quant,
     fake_quant_activation,
+    fake_quant_per_channel,
     nudged_range,
     value_range,
 )
@@ -40,6 +42,39 @@ def test_channel_exponent_grid_matches_reference_at_binade_edges(bits):
         [1e-30, -2.5e-20, 3e30]]).astype(np.float32)
     got = channel_exponent_grid(tf.constant(x), bits).numpy()
     np.testing.assert_array_equal(got, reference.channel_exponent_grid(x, bits).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("narrow_range", [True, False])
+@pytest.mark.parametrize("ranges", ["own_symmetric", "asymmetric"])
+def test_per_channel_fake_quant_is_tensorflows_op_bit_for_bit(bits, narrow_range, ranges):
+    """The broadcast form (large tensors) against TF's per-channel op, on values spanning six
+    decades, ranges that clip and ranges that are the tensor's own extent, a zero channel."""
+    rng = np.random.default_rng(bits)
+    channels = 96
+    x = rng.normal(size=(3, 3, 16, channels)) * 10.0 ** rng.uniform(-4, 2, channels)
+    x[..., 5] = 0.0
+    x = x.astype(np.float32)
+    assert x.size >= PER_CHANNEL_OP_MAX_SIZE  # the broadcast form, not TF's op
+    if ranges == "own_symmetric":
+        hi = np.abs(x).max(axis=(0, 1, 2))
+        lo = -hi
+    else:  # the nudge moves the zero point; values past either end are clamped
+        lo = x.min(axis=(0, 1, 2)) * rng.uniform(0.3, 1.2, channels)
+        hi = x.max(axis=(0, 1, 2)) * rng.uniform(0.3, 1.2, channels)
+        # a zero point of exactly 2.5 steps: TF rounds it half away from zero (3), not to even
+        qmin = 1.0 if narrow_range else 0.0
+        lo[1] = qmin - 2.5
+        hi[1] = lo[1] + 2.0**bits - 1.0 - qmin
+        lo[2] = hi[2] = 0.0  # TF zeroes a [0, 0] channel, whatever it holds
+    lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+    want = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        x, lo, hi, num_bits=bits, narrow_range=narrow_range).numpy()
+    got = fake_quant_per_channel(tf.constant(x), tf.constant(lo), tf.constant(hi),
+                                 num_bits=bits, narrow_range=narrow_range).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got[..., 0])) > 2  # the values were quantized, not zeroed
+    assert np.isfinite(got).all()
 
 
 def test_symmetric_range_is_symmetric_and_covers_values():

@@ -10,7 +10,8 @@ from qat.config import ModelConfig, QuantConfig
 from qat.fold import dequantized_float_model, fold_batchnorms
 from qat.layers import QuantBatchNorm, batchnorm_layers
 from qat.models import build_model
-from qat.quantize import quantize_model
+from qat.quant_ops import PER_CHANNEL_OP_MAX_SIZE
+from qat.quantize import activation_quantizers, quantize_model
 from qat.quantize import wrappers as _wrappers
 from qat.runs import restore_model
 from tests.conftest import conv_bn_relu6_net
@@ -122,12 +123,14 @@ def test_a_relu6_under_a_learned_range_keeps_its_layer():
 
 @pytest.mark.parametrize("per_axis, narrow_range, shape", [
     (True, True, (3, 3, 4, 5)), (False, True, (3, 3, 4, 5)), (True, True, (6, 5)),
-    (True, False, (3, 3, 4, 5))])
+    (True, False, (3, 3, 4, 5)), (True, True, (3, 3, 32, 64)), (False, True, (3, 3, 32, 64))])
 def test_kernel_quantizer_is_tfmots_forward_with_an_identity_gradient(per_axis, narrow_range,
                                                                       shape):
-    """Forward: tfmot's LastValueQuantizer exactly (ranges stored for the converter); backward:
-    the identity (the mask TF's FakeQuant gradient computes, without its min/max backprops).
-    Narrow symmetric ranges take qat's own max|k| path, a wide one tfmot's."""
+    """Forward: tfmot's LastValueQuantizer exactly (ranges stored for the converter), in
+    training and inference; backward: the identity (the mask TF's FakeQuant gradient computes,
+    without its min/max backprops). Narrow symmetric ranges take qat's own max|k| path, a wide
+    one tfmot's; a large per-channel kernel qat's broadcast form of TF's op, but where the
+    converter traces it."""
     from qat.quantize import KernelQuantizer
 
     kernel = tf.Variable(np.random.default_rng(0).normal(0, 1, shape), dtype=tf.float32)
@@ -146,10 +149,47 @@ def test_kernel_quantizer_is_tfmots_forward_with_an_identity_gradient(per_axis, 
     np.testing.assert_array_equal(tape.gradient(loss, kernel).numpy(), upstream.numpy())
     for end in ("min_var", "max_var"):
         np.testing.assert_array_equal(our_vars[end].numpy(), their_vars[end].numpy())
-    graph = tf.function(lambda: ours(kernel, False, our_vars)).get_concrete_function().graph
-    types = {op.type for op in graph.get_operations()}  # the plain FakeQuant the converter reads
+    kernel.assign(kernel * 1.1)  # inference reads the stored ranges: some weights now clip
+    np.testing.assert_array_equal(ours(kernel, False, our_vars).numpy(),
+                                  theirs(kernel, False, their_vars).numpy())
+
+    def inference_ops():
+        graph = tf.function(lambda: ours(kernel, False, our_vars)).get_concrete_function().graph
+        return {op.type for op in graph.get_operations()}
+
     fake_quant_op = "FakeQuantWithMinMaxVars" + ("PerChannel" if per_axis else "")
-    assert fake_quant_op in types and "StopGradient" not in types
+    broadcast = per_axis and kernel.shape.num_elements() >= PER_CHANNEL_OP_MAX_SIZE
+    assert (fake_quant_op in inference_ops()) != broadcast
+    ours.for_converter = True  # the plain FakeQuant the converter reads
+    assert fake_quant_op in inference_ops() and "StopGradient" not in inference_ops()
+
+
+def test_the_converter_traces_tfs_per_channel_op_and_no_bias_rounding():
+    """`traced_for_the_converter` switches the graph the converter reads, then switches back:
+    large kernels through TF's per-channel op only there, the int32 bias rounding only outside."""
+    from qat.quantize import traced_for_the_converter
+
+    qmodel = quantize_model(build_model(ModelConfig(name="convnet", width=32), (8, 8, 1), 10),
+                            QuantConfig())
+    _train_step(qmodel)
+
+    def large_per_channel_ops():
+        fn = tf.function(lambda x: qmodel(x, training=False))
+        graph = fn.get_concrete_function(tf.TensorSpec((1, 8, 8, 1))).graph
+        return sum(op.type == "FakeQuantWithMinMaxVarsPerChannel" and
+                   op.inputs[0].shape.num_elements() >= PER_CHANNEL_OP_MAX_SIZE
+                   for op in graph.get_operations())
+
+    large = [kernel for wrapper in _wrappers(qmodel).values()
+             for kernel, quantizer, _ in wrapper._weight_vars
+             if getattr(quantizer, "per_axis", False)
+             and kernel.shape.num_elements() >= PER_CHANNEL_OP_MAX_SIZE]
+    quantizers = activation_quantizers(qmodel)
+    assert large_per_channel_ops() == 0 and all(q.file_bias for q in quantizers)
+    with traced_for_the_converter(qmodel):
+        assert large_per_channel_ops() == len(large) > 0  # width 32: 3×3×32×32 convs
+        assert not any(q.file_bias for q in quantizers)
+    assert large_per_channel_ops() == 0 and all(q.file_bias for q in quantizers)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
