@@ -186,8 +186,9 @@ def bench_sync_bn(model_name: str, image: tuple[int, int, int], batch: int, widt
 
 
 def bench_application(arch: str, kwargs: dict, image: tuple[int, int, int], batch: int,
-                      rounds: int, steps: int) -> dict[str, list[float]]:
-    """A keras.applications net: qat float (prepared) vs qat quant vs tfmot `quantize_model`."""
+                      rounds: int, steps: int, prefix: str = "app") -> dict[str, list[float]]:
+    """A keras.applications net: qat float (prepared) vs qat quant vs tfmot `quantize_model`,
+    as `{prefix}_float`, `{prefix}_quant` and `{prefix}_tfmot`."""
     from qat.api import prepare
 
     rng = np.random.default_rng(0)
@@ -200,9 +201,10 @@ def bench_application(arch: str, kwargs: dict, image: tuple[int, int, int], batc
 
     float_net = prepare(original())  # three separate builds: no weights shared
     candidates = {
-        "app_float": _model_step(float_net, x, y),
-        "app_quant": _model_step(quantize_model(prepare(original()), QuantConfig()), x, y),
-        "app_tfmot": _model_step(tfmot.quantization.keras.quantize_model(original()), x, y),
+        f"{prefix}_float": _model_step(float_net, x, y),
+        f"{prefix}_quant": _model_step(quantize_model(prepare(original()), QuantConfig()), x, y),
+        f"{prefix}_tfmot": _model_step(tfmot.quantization.keras.quantize_model(original()), x,
+                                       y),
     }
     return time_rounds(candidates, rounds, steps)
 
@@ -255,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch-kwargs", default="alpha=0.35")
     parser.add_argument("--arch-image", default="96,96,3")
     parser.add_argument("--arch-batch", type=int, default=16)
+    parser.add_argument("--large-arch", default="ResNet50",
+                        help="a tf_keras.applications net with large kernels (3x3x512x512: "
+                             "per-channel kernel fake-quant dominates there) ('' to skip)")
+    parser.add_argument("--large-arch-image", default="64,64,3")
+    parser.add_argument("--large-arch-batch", type=int, default=8)
     parser.add_argument("--sync-replicas", type=int, default=2,
                         help="logical CPUs to mirror over for the sync_bn on/off figures "
                              "(0 to skip)")
@@ -282,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     application = bench_application(
         args.arch, _kwargs(args.arch_kwargs), tuple(int(v) for v in args.arch_image.split(",")),
         args.arch_batch, args.rounds, args.steps) if args.arch else {}
+    large = bench_application(
+        args.large_arch, {}, tuple(int(v) for v in args.large_arch_image.split(",")),
+        args.large_arch_batch, args.rounds, args.steps, prefix="large") if args.large_arch else {}
     sync = bench_sync_bn(args.model, image, args.batch, args.width, args.rounds, args.steps,
                          args.sync_replicas) if args.sync_replicas > 1 else {}
     pairs = {  # ratios taken within each round, then summarized over rounds
@@ -295,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs.update({
             "app_quant/app_float": (application, "app_quant", "app_float"),
             "app_quant/app_tfmot": (application, "app_quant", "app_tfmot")})
+    if large:
+        pairs.update({
+            "large_quant/large_float": (large, "large_quant", "large_float"),
+            "large_quant/large_tfmot": (large, "large_quant", "large_tfmot")})
     if sync:
         pairs.update({
             "float_sync/float_per_replica": (sync, "float_sync", "float_per_replica"),
@@ -307,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_spread": {name: ratio_spread(samples, a, b)
                          for name, (samples, a, b) in pairs.items()},
         "application": medians(application),
+        "large_application": medians(large),
         "sync_bn": medians(sync),
         "rounds": {"bn_layer": bn, "network": network, "tflite": tflite,  # ms, round by round
-                   "application": application, "sync_bn": sync},
+                   "application": application, "large_application": large, "sync_bn": sync},
         "shapes": {"bn_input": list(bn_shape), "network_input": [args.batch, *image],
                    "model": args.model, "width": args.width,
                    "application": {"arch": args.arch, "kwargs": _kwargs(args.arch_kwargs),
                                    "input": [args.arch_batch, *args.arch_image.split(",")]},
+                   "large_application": {"arch": args.large_arch, "input": [
+                       args.large_arch_batch, *args.large_arch_image.split(",")]},
                    "sync_bn": {"replicas": args.sync_replicas, "global_batch": args.batch}},
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
         "threads": args.threads or "tensorflow default",

@@ -78,7 +78,7 @@ PER_CHANNEL_OP_MAX_SIZE = 4096
 
 
 def fake_quant_per_channel(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, *, num_bits: int,
-                           narrow_range: bool) -> tf.Tensor:
+                           narrow_range: bool, own_symmetric_range: bool = False) -> tf.Tensor:
     """TF's FakeQuantWithMinMaxVarsPerChannel over the last axis, the same values bit for bit
     (tested), written as broadcast elementwise ops for tensors of PER_CHANNEL_OP_MAX_SIZE or more.
 
@@ -89,6 +89,10 @@ def fake_quant_per_channel(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, *, num_bi
     The arithmetic is the kernel's (`Nudge` in TF's fake_quant_ops_functor.h): step and inverse
     step from the range, zero point rounded half away from zero, clamp, then
     floor((x - nlo)·inv - quant_zero + 0.5)·step, in that order; a [0, 0] channel gives zeros.
+    `own_symmetric_range`: [lo, hi] = [-max|x|, max|x|] per channel and `narrow_range`, as a
+    kernel's training range. The zero point is then exactly the middle level, the nudged ends
+    are ±max|x| to within two float roundings, and the clamp changes no result (the ends still
+    floor to the end levels: tested), so its two passes are skipped.
     """
     size = x.shape.num_elements()
     if size is not None and size < PER_CHANNEL_OP_MAX_SIZE:
@@ -106,7 +110,7 @@ def fake_quant_per_channel(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, *, num_bi
     step = tf.where(empty, 0.0, step)
     nlo, nhi = (qmin - zero) * step, (qmin + levels - zero) * step
     quant_zero = tf.floor(-nlo * inv_step + 0.5)
-    clamped = tf.maximum(tf.minimum(x, nhi), nlo)
+    clamped = x if own_symmetric_range else tf.maximum(tf.minimum(x, nhi), nlo)
     return tf.floor((clamped - nlo) * inv_step - quant_zero + 0.5) * step
 
 
@@ -124,19 +128,22 @@ def fake_quant(x: tf.Tensor, *, num_bits: int, symmetric: bool = True, per_chann
     return straight_through(x, quantized)
 
 
-def fake_quant_straight_through(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, *, num_bits: int,
-                                per_channel: bool, narrow_range: bool) -> tf.Tensor:
-    """TF's FakeQuant on [lo, hi] (per last-axis channel or not), identity gradient to `x` and
-    none to the range: for a tensor that lies inside its own range. One op on the tape instead
-    of x + stop_gradient(q - x)'s two passes over `x`."""
+def fake_quant_own_symmetric_range(x: tf.Tensor, extent: tf.Tensor, *, num_bits: int,
+                                   per_channel: bool) -> tf.Tensor:
+    """TF's narrow-range FakeQuant on [-extent, extent], the tensor's own max|x| (per last-axis
+    channel or not), identity gradient to `x` and none to the range: every value lies inside.
+    One op on the tape instead of x + stop_gradient(q - x)'s two passes over `x`."""
     @tf.custom_gradient
-    def quantize(x, lo, hi):
-        fake_quant_op = (fake_quant_per_channel if per_channel
-                         else tf.quantization.fake_quant_with_min_max_vars)
-        y = fake_quant_op(x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
-        return y, lambda dy: (dy, None, None)
+    def quantize(x, extent):
+        if per_channel:
+            y = fake_quant_per_channel(x, -extent, extent, num_bits=num_bits, narrow_range=True,
+                                       own_symmetric_range=True)
+        else:
+            y = tf.quantization.fake_quant_with_min_max_vars(x, -extent, extent,
+                                                             num_bits=num_bits, narrow_range=True)
+        return y, lambda dy: (dy, None)
 
-    return quantize(x, lo, hi)
+    return quantize(x, extent)
 
 
 def _round_to_steps(x: tf.Tensor, step: tf.Tensor, qmin: tf.Tensor, qmax: tf.Tensor) -> tf.Tensor:

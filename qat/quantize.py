@@ -47,8 +47,8 @@ from qat.quant_ops import (
     fake_quant,
     fake_quant_activation,
     fake_quant_on_int8_grid,
+    fake_quant_own_symmetric_range,
     fake_quant_per_channel,
-    fake_quant_straight_through,
     learned_fake_quant,
     straight_through,
     usable_range,
@@ -257,8 +257,8 @@ class KernelQuantizer(tfq.quantizers.LastValueQuantizer):
         stored = [weights["min_var"].assign(lo, read_value=False),
                   weights["max_var"].assign(extent, read_value=False)]
         with tf.control_dependencies(stored):
-            return fake_quant_straight_through(inputs, lo, extent, num_bits=self.num_bits,
-                                               per_channel=self.per_axis, narrow_range=True)
+            return fake_quant_own_symmetric_range(inputs, extent, num_bits=self.num_bits,
+                                                  per_channel=self.per_axis)
 
 
 class DepthwiseKernelQuantizer(KernelQuantizer):

@@ -45,16 +45,18 @@ def test_bench_writes_the_contract(tmp_path):
     proc = run_cli("qat.bench", "--out", str(out), "--bn-shape", "8,8,8,4", "--image", "8,8,1",
                    "--batch", "8", "--width", "4", "--rounds", str(rounds), "--steps", "1",
                    "--threads", "1", "--arch", "MobileNet", "--arch-kwargs", "alpha=0.25",
-                   "--arch-image", "32,32,3", "--arch-batch", "2")
+                   "--arch-image", "32,32,3", "--arch-batch", "2", "--large-arch", "MobileNet",
+                   "--large-arch-image", "32,32,3", "--large-arch-batch", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["bn_layer"]) == {"keras_fused", "naive", "qat_float", "qat_quant"}
     assert set(result["network"]) == {"float_phase", "quant_phase", "tfmot_default"}
     assert set(result["tflite"]) == {"float_ms", "int8_ms"}
     assert set(result["application"]) == {"app_float", "app_quant", "app_tfmot"}
+    assert set(result["large_application"]) == {"large_float", "large_quant", "large_tfmot"}
     assert set(result["sync_bn"]) == {"float_per_replica", "float_sync", "quant_per_replica",
                                       "quant_sync"}
-    parts = ("bn_layer", "network", "tflite", "application", "sync_bn")
+    parts = ("bn_layer", "network", "tflite", "application", "large_application", "sync_bn")
     assert all(v > 0 for part in parts for v in result[part].values())
     assert result["shapes"]["bn_input"] == [8, 8, 8, 4] and result["tensorflow"]
     assert result["threads"] == 1
@@ -70,7 +72,8 @@ def test_bench_writes_the_contract(tmp_path):
     assert set(result["ratios"]) == set(result["ratio_spread"]) == {
         "qat_quant/keras_fused", "qat_float/keras_fused", "naive/keras_fused",
         "quant_phase/float_phase", "quant_phase/tfmot_default", "app_quant/app_float",
-        "app_quant/app_tfmot", "float_sync/float_per_replica", "quant_sync/quant_per_replica"}
+        "app_quant/app_tfmot", "large_quant/large_float", "large_quant/large_tfmot",
+        "float_sync/float_per_replica", "quant_sync/quant_per_replica"}
     for name, ratio in result["ratios"].items():
         a, b = name.split("/")
         (part,) = [part for part, samples in raw.items() if a in samples and b in samples]

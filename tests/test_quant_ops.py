@@ -75,6 +75,11 @@ def test_per_channel_fake_quant_is_tensorflows_op_bit_for_bit(bits, narrow_range
     np.testing.assert_array_equal(got, want)
     assert len(np.unique(got[..., 0])) > 2  # the values were quantized, not zeroed
     assert np.isfinite(got).all()
+    if ranges == "own_symmetric" and narrow_range:  # a kernel's training range: no clamp needed
+        unclamped = fake_quant_per_channel(tf.constant(x), tf.constant(lo), tf.constant(hi),
+                                           num_bits=bits, narrow_range=True,
+                                           own_symmetric_range=True).numpy()
+        np.testing.assert_array_equal(unclamped, want)
 
 
 def test_symmetric_range_is_symmetric_and_covers_values():
