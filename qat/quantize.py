@@ -226,10 +226,10 @@ class KernelQuantizer(tfq.quantizers.LastValueQuantizer):
     A narrow symmetric range, as qat's kernels use, is [-max|k|, max|k|]: tfmot's min, max, a
     division, minimum and maximum give exactly that; here abs, max and a negation (each op costs
     ~2 µs of step on CPU, whatever its size). Per-channel ranges go through
-    `fake_quant_per_channel` (TF's op, or the same values in broadcast ops where TF's op is slow:
-    a ResNet50 quant step went from 1.8x to 1.25x its float step), in inference too, but on the
-    graph the converter reads (`for_converter`): it recognizes TF's op. A wide range (qat builds
-    none; tfmot's arithmetic) keeps tfmot's path.
+    `fake_quant_per_channel` (TF's op, or the same values in broadcast ops where TF's op is slow
+    on large kernels: with it a ResNet50 quant step was 1.83x its float step), in inference
+    too, but not on the graph the converter reads (`for_converter`): it recognizes TF's op.
+    A wide range (qat builds none; tfmot's arithmetic) keeps tfmot's path.
     """
 
     def __init__(self, *args, **kwargs):
