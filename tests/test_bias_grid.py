@@ -104,3 +104,36 @@ def test_concatenations_with_parts_of_unknown_length_run(axis, shape, rounded):
     qmodel(x, training=True)
     assert np.isfinite(qmodel(x, training=False).numpy()).all()
     assert (bias_rounding(wrappers(qmodel)["cat"]) is not None) == rounded
+
+
+@pytest.mark.parametrize("model_name, quant", [
+    ("convnet", QuantConfig()), ("mobilenet", QuantConfig(bn="fold")),
+    ("convnet", QuantConfig(weight_bits=4, range="learned")),
+    ("mobilenet", QuantConfig(weight_bits=4, range="learned", bn="fold"))])
+def test_quantizing_the_channel_extremes_gives_the_quantized_kernels_extremes(model_name, quant):
+    """Every kernel quantizer (per channel, per tensor, depthwise, folded, learned): the
+    stand-in `channel_extremes` quantizes to the same per-channel max and min, bit for bit."""
+    from qat.bias_grid import channel_extremes
+    from qat.models import build_model
+    from qat.quant_ops import depthwise_output_channels
+    from qat.quantize import quantize_model, wrappers
+
+    qmodel = quantize_model(build_model(ModelConfig(name=model_name, width=32), (16, 16, 1), 10),
+                            quant)
+    x = np.random.default_rng(0).uniform(0, 1, (8, 16, 16, 1)).astype("float32")
+    qmodel(x, training=True)
+    checked = 0
+    for wrapper in wrappers(qmodel).values():
+        for weight, quantizer, qvars in wrapper._weight_vars:
+            depthwise = type(wrapper.layer).__name__ == "DepthwiseConv2D"
+            weight.assign(weight * 1.05)  # past the stored ranges: the clamp counts too
+            full = quantizer(weight, False, qvars)
+            ends = quantizer(channel_extremes(weight, 2 if depthwise else 1), False, qvars)
+            if depthwise:
+                full, ends = depthwise_output_channels(full), depthwise_output_channels(ends)
+            full = full.numpy().reshape(-1, full.shape[-1])
+            ends = ends.numpy().reshape(-1, ends.shape[-1])
+            np.testing.assert_array_equal(ends.max(0), full.max(0), err_msg=wrapper.name)
+            np.testing.assert_array_equal(ends.min(0), full.min(0), err_msg=wrapper.name)
+            checked += 1
+    assert checked >= 3
