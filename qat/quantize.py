@@ -780,8 +780,8 @@ def traced_for_the_converter(qmodel: tf_keras.Model) -> Iterator[None]:
     FakeQuantWithMinMaxVarsPerChannel, the op it reads ranges from (qat's broadcast form has the
     same values), and no int32 bias rounding (the converter rounds biases itself). The flags are
     read when a graph is traced and restored after, so the model still predicts as it trained."""
-    kernels = [quantizer for layer in qmodel.layers
-               for _, quantizer, _ in getattr(layer, "_weight_vars", None) or []
+    kernels = [quantizer for wrapper in wrappers(qmodel).values()
+               for _, quantizer, _ in wrapper._weight_vars
                if isinstance(quantizer, KernelQuantizer)]
     activations = activation_quantizers(qmodel)
     saved = [quantizer.file_bias for quantizer in activations]
