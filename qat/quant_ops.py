@@ -85,7 +85,8 @@ def fake_quant_per_channel(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, *, num_bi
     Why: TF's kernel loops over the channels, each a strided view of the tensor, and is slow on
     large kernels (one CPU thread, per call: 3×3×512×512, 27.3 ms where these ops take 4.4 ms
     and the per-tensor op 0.7 ms; 1×1×112×1280, 0.70 vs 0.22 ms), which made a ResNet50 quant
-    step 1.8x its float step. Below the threshold the one op wins (1×1×96×24: 6.8 vs 13.6 µs).
+    step 1.64x its float step (`make bench`). Below the threshold the one op wins (1×1×96×24:
+    6.8 vs 13.6 µs).
     The arithmetic is the kernel's (`Nudge` in TF's fake_quant_ops_functor.h): step and inverse
     step from the range, zero point rounded half away from zero, clamp, then
     floor((x - nlo)·inv - quant_zero + 0.5)·step, in that order; a [0, 0] channel gives zeros.
