@@ -301,14 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         "quant_phase/float_phase": (network, "quant_phase", "float_phase"),
         "quant_phase/tfmot_default": (network, "quant_phase", "tfmot_default"),
     }
-    if application:
-        pairs.update({
-            "app_quant/app_float": (application, "app_quant", "app_float"),
-            "app_quant/app_tfmot": (application, "app_quant", "app_tfmot")})
-    if large:
-        pairs.update({
-            "large_quant/large_float": (large, "large_quant", "large_float"),
-            "large_quant/large_tfmot": (large, "large_quant", "large_tfmot")})
+    for samples, prefix in ((application, "app"), (large, "large")):
+        pairs.update({f"{prefix}_quant/{prefix}_{base}": (samples, f"{prefix}_quant",
+                                                          f"{prefix}_{base}")
+                      for base in ("float", "tfmot") if samples})
     if sync:
         pairs.update({
             "float_sync/float_per_replica": (sync, "float_sync", "float_per_replica"),
